@@ -1,0 +1,108 @@
+"""The ``align-env`` command. With no subcommand it runs the demonstration on the embedded defaults."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from align_env.errors import AlignEnvError
+
+
+def _cmd_envs(args) -> int:
+    from align_env.registration import env_table
+
+    rows = env_table()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'id':<26} {'track':<10} {'feedback':<28} {'default annotator':<18} deterministic")
+    for r in rows:
+        print(f"{r['id']:<26} {r['track']:<10} {r['feedback']:<28} {r['annotator']:<18} {r['deterministic']}")
+    return 0
+
+
+def _cmd_tracks(args) -> int:
+    from align_env.tracks import TRACKS, get_track
+
+    rows = []
+    for name, spec in TRACKS.items():
+        track = get_track(name)
+        rows.append(track.summary() | {"hub": spec.hub_sources})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        sizes = ", ".join(f"{k} {v}" for k, v in r["sizes"].items())
+        print(f"{r['id']:<14} hash {r['hash']}  {sizes}\n  {r['description']}\n  embedded in the package; hub: {r['hub']}")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    import time
+
+    from align_env import models
+
+    if args.action == "list":
+        print(f"{'name':<14} {'params':>12} {'package':<26} {'cached':<7} description")
+        for e in models.CATALOGUE.values():
+            cached = models.cache_entry_ok(models.cache_dir() / "models" / e.name)
+            print(f"{e.name:<14} {e.params:>12,} {e.package:<26} {'yes' if cached else 'no':<7} {e.description}")
+        print(f"cache: {models.cache_dir()}")
+        return 0
+    names = args.names or list(models.CATALOGUE)
+    for name in names:
+        start = time.perf_counter()
+        path = models.prepare(name)
+        print(f"{name}: {path} ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from align_env.demo import run_demo
+
+    run_demo(policy=args.policy, annotator=args.annotator, episodes=args.episodes, seed=args.seed,
+             max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="align-env", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+
+    demo = sub.add_parser("demo", help="a short demonstration on the embedded defaults (the default command)")
+    demo.add_argument("--policy", default="smollm2-135m", help="policy model: catalogue name, folder or hub id")
+    demo.add_argument("--annotator", default="rules", help="annotator spec '<model>:<family>[?k=v]'")
+    demo.add_argument("--episodes", type=int, default=3, help="prompts per track")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--max-new-tokens", type=int, default=64)
+    demo.set_defaults(func=_cmd_demo)
+
+    envs = sub.add_parser("envs", help="list registered environment ids")
+    envs.add_argument("--json", action="store_true")
+    envs.set_defaults(func=_cmd_envs)
+
+    tracks = sub.add_parser("tracks", help="each track's sources, split sizes and version hash")
+    tracks.add_argument("--json", action="store_true")
+    tracks.set_defaults(func=_cmd_tracks)
+
+    mdl = sub.add_parser("models", help="list catalogue models, or prepare (convert and cache) them")
+    mdl.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
+    mdl.add_argument("names", nargs="*", help="models to prepare (default: all)")
+    mdl.set_defaults(func=_cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv or ["demo"])
+    try:
+        return args.func(args)
+    except AlignEnvError as exc:
+        print(f"align-env: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

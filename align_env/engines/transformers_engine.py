@@ -1,0 +1,192 @@
+"""The ``transformers`` engine: batched generation and continuation scoring with a causal LM.
+
+Prompts longer than the model's context are handled by a documented policy (``overflow``):
+``"truncate_left"`` (default) drops the oldest prompt tokens so that prompt + ``max_new_tokens`` fits,
+and marks the result ``truncated_prompt``; ``"error"`` raises :class:`PromptTooLongError` before any
+tensor is built. Nothing overlong reaches torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import torch
+
+from align_env.engines import ContinuationScore, Generation, PromptInput
+from align_env.errors import AlignEnvError, did_you_mean
+
+OVERFLOW_POLICIES = ("truncate_left", "error")
+# Plain template for base models without a chat template (Gemma-3-270M base, tiny test models).
+PLAIN_TEMPLATE = "{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n\n{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}\n\n{% else %}{{ m['content'] }}\n\n{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+
+
+class PromptTooLongError(AlignEnvError):
+    pass
+
+
+class TransformersEngine:
+    """Generation and scoring on a transformers causal LM (``model``, ``tokenizer`` already loaded)."""
+
+    name = "transformers"
+
+    def __init__(self, model, tokenizer, *, overflow: str = "truncate_left", batch_size: int = 8,
+                 max_context: int | None = None):
+        if overflow not in OVERFLOW_POLICIES:
+            raise did_you_mean("overflow policy", overflow, OVERFLOW_POLICIES)
+        self.model, self.tokenizer, self.overflow, self.batch_size = model, tokenizer, overflow, int(batch_size)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        cfg_ctx = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.max_context = int(max_context or min(cfg_ctx, getattr(tokenizer, "model_max_length", cfg_ctx) or cfg_ctx))
+        self.stats = {"truncated_prompts": 0}
+
+    @classmethod
+    def from_name(cls, name_or_path: str, *, dtype=None, **kwargs) -> TransformersEngine:
+        from align_env.models import load_causal_lm
+
+        model, tokenizer = load_causal_lm(name_or_path, dtype=dtype)
+        return cls(model, tokenizer, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def render(self, prompt: PromptInput, add_generation_prompt: bool = True) -> str:
+        """Chat messages -> the model's prompt text (the plain template for base models)."""
+        if isinstance(prompt, str):
+            return prompt
+        if not isinstance(prompt, list) or not all(isinstance(m, dict) for m in prompt):
+            raise TypeError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+        template = None if self.has_chat_template else PLAIN_TEMPLATE
+        return self.tokenizer.apply_chat_template(
+            prompt, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of rendered text. A chat template already holds its special tokens."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        if not self.has_chat_template and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        return ids
+
+    def _fit(self, ids: list[int], budget: int) -> tuple[list[int], bool]:
+        if budget <= 0:
+            raise PromptTooLongError(f"no room for a prompt: the context is {self.max_context} tokens")
+        if len(ids) <= budget:
+            return ids, False
+        if self.overflow == "error":
+            raise PromptTooLongError(
+                f"prompt of {len(ids)} tokens does not fit the context of {self.max_context} tokens "
+                f"with {self.max_context - budget} tokens reserved; shorten it or use overflow='truncate_left'"
+            )
+        self.stats["truncated_prompts"] += 1
+        return ids[len(ids) - budget :], True
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[PromptInput], *, n: int = 1, temperature: float = 0.7, top_p: float = 1.0,
+                 max_new_tokens: int = 64, seed: int | None = None) -> list[list[Generation]]:
+        """``n`` samples per prompt (greedy when ``temperature == 0``), seeded, batched with left padding."""
+        if max_new_tokens < 1 or max_new_tokens >= self.max_context:
+            raise AlignEnvError(f"max_new_tokens must be in [1, {self.max_context}), got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise AlignEnvError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        encoded = [self._fit(self.encode(self.render(p)), self.max_context - max_new_tokens) for p in prompts]
+        eos = self._eos_ids()
+        results: list[list[Generation]] = []
+        rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
+        with rng:
+            if seed is not None:
+                torch.manual_seed(seed)
+            for start in range(0, len(encoded), self.batch_size):
+                chunk = encoded[start : start + self.batch_size]
+                results += self._generate_batch(chunk, n, temperature, top_p, max_new_tokens, eos)
+        return results
+
+    def _eos_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+        for tok in ("<|im_end|>", "<end_of_turn>", "<|endoftext|>", "<|eot_id|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok) if tok in self.tokenizer.get_vocab() else None
+            ids.add(tid)
+        return sorted(i for i in ids if i is not None)
+
+    def _generate_batch(self, chunk, n, temperature, top_p, max_new_tokens, eos) -> list[list[Generation]]:
+        pad = self.tokenizer.pad_token_id
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (ids, _) in enumerate(chunk):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+            "do_sample": False}
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), max_new_tokens=max_new_tokens,
+            num_return_sequences=n, eos_token_id=eos, pad_token_id=pad, top_k=0, **sampling,
+        )
+        new = out[:, width:].cpu()
+        batch: list[list[Generation]] = []
+        for row in range(len(chunk)):
+            gens = []
+            for k in range(n):
+                toks = new[row * n + k].tolist()
+                stop = next((i for i, t in enumerate(toks) if t in eos), None)
+                body = toks if stop is None else toks[:stop]
+                gens.append(Generation(
+                    text=self.tokenizer.decode(body, skip_special_tokens=True).strip(), tokens=len(body),
+                    finish_reason="length" if stop is None else "stop", prompt_tokens=len(chunk[row][0]),
+                    truncated_prompt=chunk[row][1],
+                ))
+            batch.append(gens)
+        return batch
+
+    @torch.no_grad()
+    def score(self, contexts: Sequence[PromptInput], continuations: Sequence[str]) -> list[ContinuationScore]:
+        """log p(continuation | context), summed over continuation tokens, batched with right padding.
+
+        Context and continuation are tokenized apart and joined, so the continuation's tokens are the
+        same whatever the context. An empty context scores the continuation after BOS (or the first
+        token is given, when the model has no BOS).
+        """
+        if len(contexts) != len(continuations):
+            raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+        rows = []
+        for ctx, cont in zip(contexts, continuations):
+            ctx_ids = self.encode(self.render(ctx)) if (ctx or not isinstance(ctx, str)) else self._bos()
+            cont_ids = self.tokenizer(cont, add_special_tokens=False)["input_ids"]
+            truncated = False
+            if len(cont_ids) >= self.max_context:
+                cont_ids, truncated = cont_ids[: self.max_context - 1], True
+            if len(ctx_ids) + len(cont_ids) > self.max_context:
+                ctx_ids, truncated = self._fit(ctx_ids, self.max_context - len(cont_ids))[0], True
+            rows.append((ctx_ids, cont_ids, truncated))
+        out: list[ContinuationScore] = []
+        for start in range(0, len(rows), self.batch_size):
+            out += self._score_batch(rows[start : start + self.batch_size])
+        return out
+
+    def _bos(self) -> list[int]:
+        bos = self.tokenizer.bos_token_id
+        return [bos] if bos is not None else []
+
+    def _score_batch(self, rows) -> list[ContinuationScore]:
+        seqs = [c + t for c, t, _ in rows]
+        width = max(1, max(len(s) for s in seqs))
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[r, : len(s)] = 1
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1).to(self.device))
+        logp = logp.squeeze(-1).cpu()
+        results = []
+        for r, (ctx, cont, truncated) in enumerate(rows):
+            first = max(len(ctx), 1)  # the first token of a BOS-less sequence has no prediction
+            token_lp = logp[r, first - 1 : len(ctx) + len(cont) - 1].tolist()
+            results.append(ContinuationScore(sum(token_lp), len(token_lp), tuple(token_lp), len(ctx), truncated))
+        return results

@@ -1,0 +1,225 @@
+"""AlignEnv: one prompt per episode, the agent answers, ``step`` returns the annotator's verdict.
+
+Pairwise feedback: the action is a pair ``(a, b)``; ``info["preference"]`` is P(a better than b),
+debiased over both orders by the annotator; ``reward = 2 * P - 1``. Scalar feedback: the action is one
+string; ``reward`` is the annotator's score. When the annotator abstains, ``info["abstained"]`` is True,
+``info["preference"]``/``info["score"]`` is None and the reward is 0.0: an abstention is never a
+preference. Every episode is one step and ends with ``terminated=True``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from align_env.errors import AlignEnvError, did_you_mean
+from align_env.feedback import FeedbackCost, make_annotator, validate_verdicts
+from align_env.spaces import ChatMessages, UnicodeText, check_pair, check_response
+from align_env.tracks import PromptItem, get_track
+
+FEEDBACK_KINDS = ("pairwise", "scalar")
+MAX_RESPONSE_CHARS = 100_000
+
+
+@batch_space.register(UnicodeText)
+@batch_space.register(ChatMessages)
+def _batch_text_space(space, n: int = 1):
+    return spaces.Tuple([space] * n)
+
+
+def _spaces(feedback: str):
+    if feedback not in FEEDBACK_KINDS:
+        raise did_you_mean("feedback kind", feedback, FEEDBACK_KINDS)
+    obs = spaces.Dict({"prompt": UnicodeText(), "messages": ChatMessages()})
+    text = UnicodeText(max_length=MAX_RESPONSE_CHARS)
+    act = spaces.Tuple((text, text)) if feedback == "pairwise" else text
+    return obs, act
+
+
+class PromptSampler:
+    """Seeded order over a split: a fresh permutation from ``rng`` each pass (every prompt once per pass)."""
+
+    def __init__(self, items: tuple[PromptItem, ...]):
+        if not items:
+            raise AlignEnvError("the track split has no prompts")
+        self.items, self._order, self._pos = items, np.arange(0), 0
+        self._by_id = {item.id: item for item in items}
+
+    def next(self, rng: np.random.Generator) -> PromptItem:
+        if self._pos >= len(self._order):
+            self._order, self._pos = rng.permutation(len(self.items)), 0
+        item = self.items[int(self._order[self._pos])]
+        self._pos += 1
+        return item
+
+    def restart(self) -> None:
+        self._order, self._pos = np.arange(0), 0
+
+    def by_id(self, prompt_id: str) -> PromptItem:
+        if prompt_id not in self._by_id:
+            raise did_you_mean("prompt id", prompt_id, self._by_id)
+        return self._by_id[prompt_id]
+
+
+def _observation(item: PromptItem) -> dict[str, Any]:
+    return {"prompt": item.prompt, "messages": item.messages}
+
+
+def _judge(annotator, feedback: str, items: list[PromptItem], actions: list) -> tuple[list, FeedbackCost]:
+    """One batched annotator call; returns (verdicts, cost of this call)."""
+    before = getattr(annotator, "cost", FeedbackCost()).copy()
+    start = time.perf_counter()
+    if feedback == "pairwise":
+        a, b = [x[0] for x in actions], [x[1] for x in actions]
+        verdicts = annotator.pairwise(items, a, b)
+    else:
+        verdicts = annotator.score(items, actions)
+    verdicts = validate_verdicts(verdicts, len(items), getattr(annotator, "spec", repr(annotator)), feedback)
+    cost = getattr(annotator, "cost", None)
+    if cost is None:  # third-party annotator without accounting: count judgements and time
+        return verdicts, FeedbackCost(calls=len(items), seconds=time.perf_counter() - start)
+    return verdicts, cost - before
+
+
+def _reward(feedback: str, verdict: float | None) -> float:
+    if verdict is None:
+        return 0.0
+    return 2.0 * verdict - 1.0 if feedback == "pairwise" else float(verdict)
+
+
+def _step_info(feedback: str, item: PromptItem, verdict: float | None) -> dict[str, Any]:
+    key = "preference" if feedback == "pairwise" else "score"
+    return {"prompt_id": item.id, key: verdict, "abstained": verdict is None}
+
+
+class AlignEnv(gym.Env[dict, Any]):
+    """Single-prompt episodes on a track, judged by an annotator (see the module docstring)."""
+
+    metadata = {"render_modes": ["ansi"]}
+
+    def __init__(self, track: str = "summarize", feedback: str = "pairwise", annotator: Any = "rules",
+                 split: str = "train", source: str = "embedded", render_mode: str | None = None,
+                 track_kwargs: dict | None = None):
+        if render_mode not in (None, "ansi"):
+            raise did_you_mean("render mode", str(render_mode), self.metadata["render_modes"])
+        self.track = get_track(track, source, **(track_kwargs or {}))
+        self.feedback, self.split, self.render_mode = feedback, split, render_mode
+        self.observation_space, self.action_space = _spaces(feedback)
+        self.annotator = make_annotator(annotator, track=self.track.name)
+        self._sampler = PromptSampler(self.track.split(split))
+        self._item: PromptItem | None = None
+        self._last: str = ""
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._sampler.restart()
+        options = options or {}
+        if "prompt_id" in options:
+            self._item = self._sampler.by_id(options["prompt_id"])
+        else:
+            self._item = self._sampler.next(self.np_random)
+        return _observation(self._item), {"prompt_id": self._item.id}
+
+    def step(self, action: Any):
+        if self._item is None:
+            raise AlignEnvError("step() called before reset() (or after the episode ended): call reset() first")
+        if self.feedback == "pairwise":
+            action = check_pair(action)
+            too_long = [len(x) > MAX_RESPONSE_CHARS for x in action]
+        else:
+            action = check_response(action)
+            too_long = [len(action) > MAX_RESPONSE_CHARS]
+        if any(too_long):
+            raise AlignEnvError(f"response longer than {MAX_RESPONSE_CHARS} characters")
+        item, self._item = self._item, None
+        (verdict,), cost = _judge(self.annotator, self.feedback, [item], [action])
+        info = _step_info(self.feedback, item, verdict) | {"feedback_cost": cost}
+        self._last = f"{item.prompt}\n-> {action!r}\n= {verdict}"
+        return _observation(item), _reward(self.feedback, verdict), True, False, info
+
+    def render(self):
+        if self.render_mode == "ansi":
+            return self._last
+        return None
+
+
+class AlignVectorEnv(VectorEnv):
+    """Natively batched AlignEnv: one annotator call per ``step`` for the whole batch.
+
+    Observations are ``{"prompt": tuple[str], "messages": tuple[list]}``; pairwise actions are
+    ``(responses_a, responses_b)`` (the batched form of the single action space), scalar actions a
+    sequence of strings. Every sub-env terminates each step and resets in the same step
+    (``AutoresetMode.SAME_STEP``): the returned observation is already the next prompt, and the judged
+    prompt is in ``info["final_obs"]``.
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
+
+    def __init__(self, num_envs: int = 8, track: str = "summarize", feedback: str = "pairwise",
+                 annotator: Any = "rules", split: str = "train", source: str = "embedded",
+                 track_kwargs: dict | None = None, render_mode: str | None = None):
+        if int(num_envs) < 1:
+            raise AlignEnvError(f"num_envs must be >= 1, got {num_envs}")
+        self.num_envs = int(num_envs)
+        self.track = get_track(track, source, **(track_kwargs or {}))
+        self.feedback, self.split, self.render_mode = feedback, split, render_mode
+        self.single_observation_space, self.single_action_space = _spaces(feedback)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self.annotator = make_annotator(annotator, track=self.track.name)
+        self._sampler = PromptSampler(self.track.split(split))
+        self._items: list[PromptItem] = []
+
+    def _draw(self) -> dict[str, tuple]:
+        self._items = [self._sampler.next(self.np_random) for _ in range(self.num_envs)]
+        return {"prompt": tuple(i.prompt for i in self._items), "messages": tuple(i.messages for i in self._items)}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._sampler.restart()
+        obs = self._draw()
+        return obs, {"prompt_id": np.array([i.id for i in self._items], dtype=object)}
+
+    def _unbatch(self, actions: Any) -> list:
+        n = self.num_envs
+        if self.feedback == "pairwise":
+            shape_ok = isinstance(actions, (tuple, list)) and len(actions) == 2
+            a, b = actions if shape_ok else ("", "")
+            if not shape_ok or isinstance(a, str) or isinstance(b, str) or len(a) != n or len(b) != n:
+                raise AlignEnvError(
+                    f"pairwise vector actions must be (responses_a, responses_b), each a sequence of {n} strings"
+                )
+            return [check_pair((x, y)) for x, y in zip(a, b)]
+        if isinstance(actions, str) or len(actions) != n:
+            raise AlignEnvError(f"scalar vector actions must be a sequence of {n} strings")
+        return [check_response(x, where=f"response {i}") for i, x in enumerate(actions)]
+
+    def step(self, actions: Any):
+        if not self._items:
+            raise AlignEnvError("step() called before reset(): call reset() first")
+        judged = self._unbatch(actions)
+        items = self._items
+        verdicts, cost = _judge(self.annotator, self.feedback, items, judged)
+        rewards = np.array([_reward(self.feedback, v) for v in verdicts], dtype=np.float64)
+        key = "preference" if self.feedback == "pairwise" else "score"
+        final_obs = np.array([_observation(i) for i in items], dtype=object)
+        info = {
+            "prompt_id": np.array([i.id for i in items], dtype=object),
+            key: np.array([np.nan if v is None else v for v in verdicts], dtype=np.float64),
+            "abstained": np.array([v is None for v in verdicts]),
+            "final_obs": final_obs,
+            "_final_obs": np.ones(self.num_envs, dtype=bool),
+            "feedback_cost": cost,
+        }
+        obs = self._draw()
+        terminated = np.ones(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        return obs, rewards, terminated, truncated, info

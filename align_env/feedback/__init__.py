@@ -1,0 +1,58 @@
+"""Annotators: ``make_annotator(spec, track=...)`` builds one from a spec string.
+
+Families are registered by name with a lazy ``"module:attr"`` target (a factory taking
+``(spec: AnnotatorSpec, track: str | None)``); third-party families register through the
+``align_env.annotators`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any
+
+from align_env.errors import AlignEnvError, did_you_mean
+from align_env.feedback.base import Annotator, FeedbackCost, validate_verdicts
+from align_env.feedback.spec import AnnotatorSpec, parse_spec
+
+__all__ = ["Annotator", "AnnotatorSpec", "FeedbackCost", "FAMILIES", "make_annotator", "parse_spec",
+           "register_family", "validate_verdicts"]
+
+FAMILIES: dict[str, str] = {
+    "rules": "align_env.feedback.factories:rules",
+}
+MODEL_FREE = {"rules"}
+
+
+def register_family(name: str, target: str) -> None:
+    """Register a family: ``target`` is ``"module:factory"``, the factory takes ``(spec, track)``."""
+    FAMILIES[name] = target
+
+
+def _families() -> dict[str, str]:
+    found = dict(FAMILIES)
+    for ep in entry_points(group="align_env.annotators"):
+        found.setdefault(ep.name, ep.value)
+    return found
+
+
+def _load(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def make_annotator(spec: str | AnnotatorSpec | Any, track: str | None = None) -> Annotator:
+    """Build an annotator from a spec string (or return an annotator object as is)."""
+    if not isinstance(spec, (str, AnnotatorSpec)):
+        if hasattr(spec, "pairwise") and hasattr(spec, "score"):
+            return spec
+        raise AlignEnvError(f"annotator must be a spec string or an object with pairwise/score, got {spec!r}")
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    families = _families()
+    if parsed.family not in families:
+        raise did_you_mean("annotator family", parsed.family, families)
+    if parsed.family in MODEL_FREE and parsed.model:
+        raise AlignEnvError(f"annotator family {parsed.family!r} takes no model; write {parsed.family!r}")
+    if parsed.family not in MODEL_FREE and not parsed.model:
+        raise AlignEnvError(f"annotator family {parsed.family!r} needs a model: '<model>:{parsed.family}'")
+    return _load(families[parsed.family])(parsed, track)

@@ -1,0 +1,114 @@
+"""The annotator protocol and feedback-cost accounting.
+
+An annotator has two methods (TRL learned that judge class hierarchies find no users):
+
+* ``pairwise(prompts, a, b) -> list[float | None]``: P(a better than b) per item, debiased over both
+  presentation orders where order matters;
+* ``score(prompts, responses) -> list[float | None]``: a scalar score per item.
+
+``None`` means the annotator abstains: it could not give a usable verdict. Abstentions are never turned
+into a silent preference by anything in align-env.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from align_env.tracks.track import PromptItem
+
+Prompt = PromptItem | str
+Verdict = float | None
+
+
+@dataclass
+class FeedbackCost:
+    """Cost of feedback: judgements asked, tokens in/out, wall seconds.
+
+    ``seconds`` is measured, so it is left out of equality: two runs that asked for the same judgements
+    compare equal (this keeps seeded envs deterministic under Gymnasium's checker).
+    """
+
+    calls: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    seconds: float = field(default=0.0, compare=False)
+
+    def __add__(self, other: FeedbackCost) -> FeedbackCost:
+        return FeedbackCost(self.calls + other.calls, self.tokens_in + other.tokens_in,
+                            self.tokens_out + other.tokens_out, self.seconds + other.seconds)
+
+    def __sub__(self, other: FeedbackCost) -> FeedbackCost:
+        return FeedbackCost(self.calls - other.calls, self.tokens_in - other.tokens_in,
+                            self.tokens_out - other.tokens_out, self.seconds - other.seconds)
+
+    def copy(self) -> FeedbackCost:
+        return FeedbackCost(self.calls, self.tokens_in, self.tokens_out, self.seconds)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"calls": self.calls, "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
+                "seconds": self.seconds}
+
+
+@runtime_checkable
+class Annotator(Protocol):
+    """What the environment needs from an annotator. ``cost`` is cumulative and optional."""
+
+    spec: str
+    deterministic: bool
+
+    def pairwise(self, prompts: Sequence[Prompt], a: Sequence[str], b: Sequence[str]) -> list[Verdict]: ...
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[Verdict]: ...
+
+
+def as_item(prompt: Prompt) -> PromptItem:
+    """Accept a PromptItem or a bare prompt string (no reference, no metadata)."""
+    if isinstance(prompt, PromptItem):
+        return prompt
+    if isinstance(prompt, str):
+        return PromptItem(id="", prompt=prompt, source=prompt)
+    raise TypeError(f"prompt must be a PromptItem or str, got {type(prompt).__name__}")
+
+
+def check_batch(prompts: Sequence[Any], *columns: Sequence[Any]) -> None:
+    for col in columns:
+        if len(col) != len(prompts):
+            raise ValueError(f"batch size mismatch: {len(prompts)} prompts but {len(col)} responses")
+
+
+class CostMeter:
+    """Mixin-free helper: ``with meter.measure(calls=n): ...`` adds calls and wall time to ``meter.cost``."""
+
+    def __init__(self) -> None:
+        self.cost = FeedbackCost()
+
+    @contextmanager
+    def measure(self, calls: int):
+        start = time.perf_counter()
+        try:
+            yield self.cost
+        finally:
+            self.cost.calls += calls
+            self.cost.seconds += time.perf_counter() - start
+
+
+def validate_verdicts(verdicts: Sequence[Any], n: int, spec: str, kind: str) -> list[Verdict]:
+    """Check an annotator's output: n values, each a finite float (probability for pairwise) or None."""
+    import math
+
+    out = list(verdicts)
+    if len(out) != n:
+        raise RuntimeError(f"annotator {spec!r} returned {len(out)} {kind} verdicts for {n} items")
+    for i, v in enumerate(out):
+        if v is None:
+            continue
+        v = float(v)
+        if not math.isfinite(v) or (kind == "pairwise" and not 0.0 <= v <= 1.0):
+            out[i] = None  # an unusable verdict is an abstention, counted as such
+        else:
+            out[i] = v
+    return out

