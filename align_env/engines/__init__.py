@@ -46,4 +46,49 @@ class Engine(Protocol):
     def score(self, contexts: Sequence[PromptInput], continuations: Sequence[str]) -> list[ContinuationScore]: ...
 
 
-__all__ = ["ContinuationScore", "Engine", "Generation", "Messages", "PromptInput"]
+# Optional capability: ``next_token_logprobs(contexts, candidates) -> list[dict[str, float]]`` gives
+# log p(candidate's first token | context) for each candidate string (e.g. " A", " B"), in one pass.
+# ``capabilities`` names what an engine serves: {"generate", "score", "next_token"}.
+
+ENGINES: dict[str, str] = {
+    "transformers": "align_env.engines.transformers_engine:TransformersEngine",
+    "llama_cpp": "align_env.engines.llama_cpp_engine:LlamaCppEngine",
+    "openai": "align_env.engines.openai_engine:OpenAIEngine",
+    "vllm": "align_env.engines.vllm_engine:VLLMEngine",
+}
+_LOADED: dict[tuple, object] = {}
+
+
+def make_engine(name: str, model: str, **options):
+    """An engine by name for ``model`` (shared: the same (name, model, options) loads once per process).
+
+    Every engine class has ``from_name(model, **options)``.
+    """
+    import importlib
+
+    from align_env.errors import did_you_mean
+
+    if name not in ENGINES:
+        raise did_you_mean("engine", name, ENGINES)
+    key = (name, model, tuple(sorted(options.items())))
+    if key not in _LOADED:
+        module, _, attr = ENGINES[name].partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+        _LOADED[key] = cls.from_name(model, **options)
+    return _LOADED[key]
+
+
+def require(engine, capability: str, family: str) -> None:
+    """Raise a clear error when ``engine`` cannot serve what ``family`` needs."""
+    from align_env.errors import AlignEnvError
+
+    caps = getattr(engine, "capabilities", {"generate", "score"})
+    if capability not in caps:
+        raise AlignEnvError(
+            f"annotator family {family!r} needs '{capability}' but engine {getattr(engine, 'name', engine)!r} "
+            f"serves only {sorted(caps)}"
+        )
+
+
+__all__ = ["ContinuationScore", "ENGINES", "Engine", "Generation", "Messages", "PromptInput", "make_engine",
+           "require"]

@@ -29,6 +29,7 @@ class TransformersEngine:
     """Generation and scoring on a transformers causal LM (``model``, ``tokenizer`` already loaded)."""
 
     name = "transformers"
+    capabilities = frozenset({"generate", "score", "next_token"})
 
     def __init__(self, model, tokenizer, *, overflow: str = "truncate_left", batch_size: int = 8,
                  max_context: int | None = None):
@@ -41,6 +42,8 @@ class TransformersEngine:
         cfg_ctx = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_context = int(max_context or min(cfg_ctx, getattr(tokenizer, "model_max_length", cfg_ctx) or cfg_ctx))
         self.stats = {"truncated_prompts": 0}
+        # A base model under the plain template goes on to write the next "User:" turn: stop there.
+        self.stop_strings = [] if self.has_chat_template else ["\nUser:"]
 
     @classmethod
     def from_name(cls, name_or_path: str, *, dtype=None, **kwargs) -> TransformersEngine:
@@ -122,11 +125,12 @@ class TransformersEngine:
         for row, (ids, _) in enumerate(chunk):
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention[row, width - len(ids) :] = 1
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {
             "do_sample": False}
         out = self.model.generate(
             input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), max_new_tokens=max_new_tokens,
-            num_return_sequences=n, eos_token_id=eos, pad_token_id=pad, top_k=0, **sampling,
+            num_return_sequences=n, eos_token_id=eos, pad_token_id=pad, **sampling,
+            **({"stop_strings": self.stop_strings, "tokenizer": self.tokenizer} if self.stop_strings else {}),
         )
         new = out[:, width:].cpu()
         batch: list[list[Generation]] = []
@@ -136,8 +140,12 @@ class TransformersEngine:
                 toks = new[row * n + k].tolist()
                 stop = next((i for i, t in enumerate(toks) if t in eos), None)
                 body = toks if stop is None else toks[:stop]
+                text = self.tokenizer.decode(body, skip_special_tokens=True)
+                cut = min((text.find(s) for s in self.stop_strings if s in text), default=-1)
+                if cut >= 0:
+                    text, stop = text[:cut], cut
                 gens.append(Generation(
-                    text=self.tokenizer.decode(body, skip_special_tokens=True).strip(), tokens=len(body),
+                    text=text.strip(), tokens=len(body),
                     finish_reason="length" if stop is None else "stop", prompt_tokens=len(chunk[row][0]),
                     truncated_prompt=chunk[row][1],
                 ))
@@ -190,3 +198,32 @@ class TransformersEngine:
             token_lp = logp[r, first - 1 : len(ctx) + len(cont) - 1].tolist()
             results.append(ContinuationScore(sum(token_lp), len(token_lp), tuple(token_lp), len(ctx), truncated))
         return results
+
+    @torch.no_grad()
+    def next_token_logprobs(self, contexts: Sequence[PromptInput], candidates: Sequence[str]) -> list[dict[str, float]]:
+        """log p(first token of each candidate | context), one forward pass per batch of contexts.
+
+        Used by prompted judges: the preference is the softmax over the answer tokens' log-probabilities.
+        """
+        first = {}
+        for cand in candidates:
+            ids = self.tokenizer(cand, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise AlignEnvError(f"candidate {cand!r} has no tokens")
+            first[cand] = ids[0]
+        if len(set(first.values())) != len(first):
+            raise AlignEnvError(f"candidates {list(candidates)} share their first token; pick distinct labels")
+        rows = [self._fit(self.encode(self.render(c)), self.max_context)[0] for c in contexts]
+        out: list[dict[str, float]] = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            width = max(len(r) for r in chunk)
+            ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, seq in enumerate(chunk):  # left padding: the last position is the next-token slot
+                ids[r, width - len(seq) :] = torch.tensor(seq)
+                mask[r, width - len(seq) :] = 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits[:, -1]
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            out += [{c: float(logp[r, t]) for c, t in first.items()} for r in range(len(chunk))]
+        return out

@@ -20,8 +20,15 @@ __all__ = ["Annotator", "AnnotatorSpec", "FeedbackCost", "FAMILIES", "make_annot
 
 FAMILIES: dict[str, str] = {
     "rules": "align_env.feedback.factories:rules",
+    "llm_judge": "align_env.feedback.factories:llm_judge",
+    "likelihood": "align_env.feedback.factories:likelihood",
+    "embedding": "align_env.feedback.factories:embedding",
+    "reward_model": "align_env.feedback.factories:reward_model",
+    "pool": "align_env.feedback.factories:pool",
+    "self": "align_env.feedback.factories:self_judge",
 }
-MODEL_FREE = {"rules"}
+MODEL_FREE = {"rules", "pool", "self"}
+CACHE_MODES = ("memory", "disk", "off")
 
 
 def register_family(name: str, target: str) -> None:
@@ -55,4 +62,25 @@ def make_annotator(spec: str | AnnotatorSpec | Any, track: str | None = None) ->
         raise AlignEnvError(f"annotator family {parsed.family!r} takes no model; write {parsed.family!r}")
     if parsed.family not in MODEL_FREE and not parsed.model:
         raise AlignEnvError(f"annotator family {parsed.family!r} needs a model: '<model>:{parsed.family}'")
-    return _load(families[parsed.family])(parsed, track)
+    annotator = _load(families[parsed.family])(parsed, track)
+    return _with_cache(annotator, parsed)
+
+
+def _with_cache(annotator, parsed: AnnotatorSpec):
+    """Wrap deterministic model-based annotators in a judgement cache (``cache=memory|disk|off|<path>``)."""
+    from align_env.feedback.cache import CachedAnnotator, JudgementStore
+
+    mode = str(parsed.params.get("cache", "memory" if parsed.family not in ("rules", "self") else "off"))
+    cacheable = getattr(annotator, "cacheable", True) and getattr(annotator, "deterministic", False)
+    if mode == "off" or not cacheable:
+        return annotator
+    if mode == "memory":
+        store = JudgementStore()
+    elif mode == "disk":
+        from align_env.models import cache_dir
+
+        store = JudgementStore(cache_dir() / "judgements.sqlite")
+    else:
+        store = JudgementStore(mode)
+    key_spec = str(AnnotatorSpec(parsed.family, parsed.model, {k: v for k, v in parsed.params.items() if k != "cache"}))
+    return CachedAnnotator(annotator, store, key_spec)

