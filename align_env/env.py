@@ -101,7 +101,7 @@ def _step_info(feedback: str, item: PromptItem, verdict: float | None) -> dict[s
 class AlignEnv(gym.Env[dict, Any]):
     """Single-prompt episodes on a track, judged by an annotator (see the module docstring)."""
 
-    metadata = {"render_modes": ["ansi"]}
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}
 
     def __init__(self, track: str = "summarize", feedback: str = "pairwise", annotator: Any = "rules",
                  split: str = "train", source: str = "embedded", render_mode: str | None = None,

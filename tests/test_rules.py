@@ -40,8 +40,9 @@ def test_harmless_refusal_logic():
 
 
 def test_length_penalty_prefers_shorter():
-    item = get_track("helpful").eval[3]
-    long = item.reference + " " + item.reference
+    track = get_track("helpful")
+    item, other = track.eval[3], track.eval[4]
+    long = item.reference + " " + other.reference
     plain = make_annotator("rules", track="helpful")
     short = make_annotator("rules?prefer=short", track="helpful")
     assert short.pairwise([item], [item.reference], [long])[0] > plain.pairwise([item], [item.reference], [long])[0]

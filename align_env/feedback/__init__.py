@@ -28,6 +28,7 @@ FAMILIES: dict[str, str] = {
     "self": "align_env.feedback.factories:self_judge",
 }
 MODEL_FREE = {"rules", "pool", "self"}
+NEEDS_MODEL = {"llm_judge", "likelihood", "embedding", "reward_model"}  # third-party families decide themselves
 CACHE_MODES = ("memory", "disk", "off")
 
 
@@ -60,7 +61,7 @@ def make_annotator(spec: str | AnnotatorSpec | Any, track: str | None = None) ->
         raise did_you_mean("annotator family", parsed.family, families)
     if parsed.family in MODEL_FREE and parsed.model:
         raise AlignEnvError(f"annotator family {parsed.family!r} takes no model; write {parsed.family!r}")
-    if parsed.family not in MODEL_FREE and not parsed.model:
+    if parsed.family in NEEDS_MODEL and not parsed.model:
         raise AlignEnvError(f"annotator family {parsed.family!r} needs a model: '<model>:{parsed.family}'")
     annotator = _load(families[parsed.family])(parsed, track)
     return _with_cache(annotator, parsed)
@@ -70,7 +71,8 @@ def _with_cache(annotator, parsed: AnnotatorSpec):
     """Wrap deterministic model-based annotators in a judgement cache (``cache=memory|disk|off|<path>``)."""
     from align_env.feedback.cache import CachedAnnotator, JudgementStore
 
-    mode = str(parsed.params.get("cache", "memory" if parsed.family not in ("rules", "self") else "off"))
+    raw = parsed.params.get("cache", "memory" if parsed.family not in ("rules", "self") else "off")
+    mode = "off" if raw in (False, None, 0, "none", "no") else "memory" if raw is True else str(raw)
     cacheable = getattr(annotator, "cacheable", True) and getattr(annotator, "deterministic", False)
     if mode == "off" or not cacheable:
         return annotator

@@ -2,8 +2,8 @@
 
 Score in [0, 1], built from measures in :mod:`align_env.text_metrics`:
 
-* every track: empty text scores 0; repeated word trigrams scale the score down; an optional
-  ``length_penalty`` per word (the OAIF length-control experiment) is subtracted;
+* every track: empty text scores 0; repeated word trigrams beyond natural levels (15%) scale the score down; an optional
+  ``length_penalty`` per word (the OAIF length-control experiment) scales it by exp(-penalty * words);
 * ``summarize``: faithfulness (content words found in the post), ROUGE-L against the reference when there
   is one, and a length window of 8-50 words;
 * ``helpful``: coverage of the request's content words, unigram F1 against the reference when there is
@@ -74,6 +74,12 @@ def harmless_quality(item: PromptItem, response: str) -> float:
     return 0.2 * _window(n, 1, 400) if refused else 0.5 + 0.5 * helpful_quality(item, response)
 
 
+def degeneration(response: str, natural: float = 0.15) -> float:
+    """0 for natural text (up to ``natural`` repeated trigrams, as lists and set phrases have), rising to 1
+    for a degenerate loop."""
+    return max(0.0, tm.repetition_rate(response) - natural) / (1.0 - natural)
+
+
 QUALITY = {"summarize": summarize_quality, "helpful": helpful_quality, "harmless": harmless_quality}
 
 
@@ -103,8 +109,8 @@ class RulesAnnotator:
         if not response.strip():
             return 0.0
         item = as_item(prompt)
-        quality = QUALITY[self.track](item, response) * (1.0 - tm.repetition_rate(response))
-        return max(0.0, quality - self.length_penalty * len(tm.words(response)))
+        quality = QUALITY[self.track](item, response) * (1.0 - degeneration(response))
+        return quality * math.exp(-self.length_penalty * len(tm.words(response)))
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[Verdict]:
         check_batch(prompts, responses)

@@ -43,16 +43,16 @@ class TrackSpec:
 
 TRACKS: dict[str, TrackSpec] = {
     "summarize": TrackSpec(
-        "v0", "TL;DR summaries of forum posts", format_summarize, gold.summarize_gold, None,
+        "v0", "TL;DR summaries of forum posts", format_summarize, gold.summarize_gold, "51e977a1bb3e3675",
         f"{hub.TLDR} (train/eval) + {hub.SUMMARIZE_FROM_FEEDBACK} comparisons (pairs)",
     ),
     "helpful": TrackSpec(
-        "v0", "single-turn helpful instructions", format_plain, gold.helpful_gold, None,
+        "v0", "single-turn helpful instructions", format_plain, gold.helpful_gold, "dec12af9248c28d2",
         f"{hub.HH_RLHF} helpful-base",
     ),
     "harmless": TrackSpec(
         "v0", "harmful requests to refuse and edgy-but-benign requests to answer", format_plain,
-        gold.harmless_gold, None, f"{hub.HH_RLHF} harmless-base",
+        gold.harmless_gold, "fa85da39623c0bfc", f"{hub.HH_RLHF} harmless-base",
     ),
 }
 

@@ -1,0 +1,628 @@
+"""The ``openai`` engine: any OpenAI-compatible HTTP server (``vllm serve``, SGLang, llama.cpp's server,
+hosted APIs), through the plain ``requests`` client (no ``openai`` package).
+
+Endpoints:
+
+* ``generate``: chat messages go to ``/chat/completions`` (the server applies the model's template); a
+  string is already-rendered text and goes to ``/completions``. With ``mode="completions"`` everything goes
+  to ``/completions``, messages rendered here with ``chat_template`` (the plain ``User:/Assistant:``
+  template by default, as for base models in the transformers engine).
+* ``next_token_logprobs``: one token (``max_tokens=1``, greedy) with ``top_logprobs``; each candidate is
+  matched by text among the returned top tokens. Tokens that differ from a candidate only by surrounding
+  whitespace (``"A"``, ``" A"``) count as the same answer and are combined (log-sum-exp), unless two
+  candidates would then collide. A candidate outside the returned top tokens gets ``-inf``: when both
+  labels are missing a judge abstains.
+* ``score``: ``/completions`` with ``echo=True`` and ``logprobs``, which gives the log-probabilities of the
+  prompt's own tokens (vLLM, llama.cpp's Python server with ``logits_all``). The server tokenizes context
+  and continuation together; the continuation's tokens are found from the end of the echoed prompt. A
+  server without echo log-probs raises :class:`CapabilityError` naming what is missing.
+
+``capabilities`` is probed lazily (one tiny request, the first time it is read) unless it is given.
+
+Robustness: every request has a timeout (connect and read; the body is read under a deadline too).
+Connection errors, timeouts, 429 and 5xx are retried ``max_retries`` times with exponential backoff and
+seeded jitter (``Retry-After`` is honoured up to ``backoff_max``); other 4xx fail at once; a body that is not
+the JSON expected is a :class:`ServerError`. So a call ends, with a result or a clear error, after at most
+about ``(max_retries + 1) * (connect_timeout + 2 * timeout) + max_retries * backoff_max`` seconds.
+
+The API key is read from ``$OPENAI_API_KEY`` (or the variable named by ``api_key_env``). It is sent in the
+``Authorization`` header and nowhere else: not in ``repr``, not in error messages (server text is
+redacted), not in pickles. Token usage reported by the server is summed in ``usage``
+(``{"tokens_in", "tokens_out"}``) so annotators can count cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit, urlunsplit
+
+from align_env.engines import ContinuationScore, Generation, PromptInput
+from align_env.errors import AlignEnvError, did_you_mean
+
+BASE_URL_ENV = ("ALIGN_ENV_OPENAI_BASE_URL", "OPENAI_BASE_URL")
+DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+MODES = ("chat", "completions")
+_MAX_BODY = 64 << 20  # bytes; a larger answer is not an OpenAI-style response
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+_CONTEXT_ERROR = re.compile(r"context.{0,20}(length|window|size)|too (long|many tokens)|maximum.{0,30}tokens|"
+                            r"exceed", re.IGNORECASE)
+
+
+class ServerError(AlignEnvError):
+    """The server could not be reached, or answered with an error or with something that is not an answer."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False):
+        super().__init__(message)
+        self.status, self.retryable = status, retryable
+
+
+class CapabilityError(AlignEnvError):
+    """The server does not serve what was asked (e.g. prompt log-probabilities for ``score``)."""
+
+
+class _Secret:
+    """Holds the API key; prints as ``***``."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str | None):
+        self._value = value or None
+
+    def get(self) -> str | None:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "***" if self._value else "None"
+
+    def __reduce__(self):
+        raise TypeError("the API key is not picklable")
+
+
+def _derive_seed(seed: int, *parts: int) -> int:
+    data = ":".join(str(x) for x in (seed, *parts)).encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=4).digest(), "big") & 0x7FFFFFFF
+
+
+def _logsumexp(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return float("-inf")
+    m = max(finite)
+    return m + math.log(sum(math.exp(v - m) for v in finite))
+
+
+def _display_url(url: str) -> str:
+    """The URL without user:password (error messages)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+class OpenAIEngine:
+    """Generation, next-token log-probs and (where served) scoring on an OpenAI-compatible server."""
+
+    name = "openai"
+
+    def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
+                 api_key_env: str = "OPENAI_API_KEY", mode: str = "chat", timeout: float = 60.0,
+                 connect_timeout: float | None = None, max_retries: int = 3, backoff: float = 0.5,
+                 backoff_max: float = 8.0, jitter_seed: int = 0, max_concurrency: int = 8, top_logprobs: int = 20,
+                 chat_template: str | None = None, capabilities: Sequence[str] | None = None,
+                 extra_body: dict | None = None):
+        if mode not in MODES:
+            raise did_you_mean("openai engine mode", mode, MODES)
+        if timeout <= 0 or max_retries < 0 or max_concurrency < 1 or top_logprobs < 1:
+            raise AlignEnvError(f"need timeout > 0, max_retries >= 0, max_concurrency >= 1 and top_logprobs >= 1; got "
+                                f"{timeout}, {max_retries}, {max_concurrency}, {top_logprobs}")
+        self.model, self.mode = model, mode
+        url = base_url or next((os.environ[k] for k in BASE_URL_ENV if os.environ.get(k)), DEFAULT_BASE_URL)
+        url = url.rstrip("/")
+        if "://" not in url:
+            url = "http://" + url
+        if urlsplit(url).path in ("", "/"):
+            url += "/v1"
+        self.base_url = url
+        self.api_key_env = api_key_env
+        self._secret = _Secret(api_key if api_key is not None else os.environ.get(api_key_env))
+        self.timeout, self.connect_timeout = float(timeout), float(connect_timeout or min(10.0, timeout))
+        self.max_retries, self.backoff, self.backoff_max = int(max_retries), float(backoff), float(backoff_max)
+        self.jitter_seed, self.max_concurrency, self.top_logprobs = jitter_seed, int(max_concurrency), int(top_logprobs)
+        self.chat_template = chat_template
+        self.has_chat_template = chat_template is not None
+        self.stop_strings = [] if self.has_chat_template else ["\nUser:"]
+        self.extra_body = dict(extra_body or {})
+        self._caps = frozenset(capabilities) if capabilities is not None else None
+        self.capability_notes: dict[str, str] = {}
+        self.usage = {"tokens_in": 0, "tokens_out": 0}
+        self.stats = {"requests": 0, "retries": 0, "failures": 0}
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._rng = random.Random(self.jitter_seed)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    @classmethod
+    def from_name(cls, model: str, **options) -> OpenAIEngine:
+        """``model`` is the name the server knows the model by; options as in the constructor.
+
+        The API key comes from the environment (``$OPENAI_API_KEY`` or ``api_key_env``), never from options.
+        """
+        if "api_key" in options:
+            raise AlignEnvError("pass the API key in the environment ($OPENAI_API_KEY or the variable named by "
+                                "api_key_env), not as an engine option")
+        return cls(model, **options)
+
+    def __repr__(self) -> str:
+        return f"OpenAIEngine(model={self.model!r}, base_url={_display_url(self.base_url)!r}, mode={self.mode!r})"
+
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_secret", "_rng", "_lock", "_local")}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._secret = _Secret(os.environ.get(self.api_key_env))
+        self._init_runtime()
+
+    # -- capabilities ---------------------------------------------------------------------------------------
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What the server serves: {"generate", "next_token"} always, "score" when it echoes prompt log-probs."""
+        if self._caps is None:
+            self._caps = self._probe()
+        return self._caps
+
+    # A text any language model continues with confidence: correctly aligned echo log-probs average about
+    # -0.06 nats per token on it (SmolLM2-135M, Gemma-3-270M); log-probs shifted by one position (a known bug
+    # of llama-cpp-python's server for models without BOS) average about -12.
+    _PROBE = ("1, 2, 3, 4, 5, 6, 7, 8,", " 9, 10, 11, 12, 13, 14, 15, 16")
+    _PROBE_MIN_MEAN = -2.0
+
+    def _probe(self) -> frozenset[str]:
+        """One small echo request: does the server give (correctly aligned) prompt log-probs?"""
+        self.capability_notes = {}
+        try:
+            got = self._echo_score(*self._PROBE, retries=min(1, self.max_retries))
+            if got.tokens == 0 or got.mean_logprob < self._PROBE_MIN_MEAN:
+                self.capability_notes["score"] = (
+                    f"its echoed prompt log-probs look misaligned (mean {got.mean_logprob:.2f} nats per token on a "
+                    f"counting sequence, expected > {self._PROBE_MIN_MEAN}); llama-cpp-python's server shifts them "
+                    f"by one token for models without BOS")
+        except CapabilityError as exc:
+            self.capability_notes["score"] = getattr(exc, "detail", str(exc))
+        except ServerError as exc:
+            if exc.status is None or exc.retryable:  # unreachable or failing: say so now
+                raise
+            self.capability_notes["score"] = f"/completions with echo=True and logprobs was refused ({exc})"
+        score = "score" not in self.capability_notes
+        return frozenset({"generate", "next_token"} | ({"score"} if score else set()))
+
+    def _need(self, capability: str, detail: str) -> CapabilityError:
+        if self._caps is not None:
+            self._caps = self._caps - {capability}
+        err = CapabilityError(f"engine 'openai' at {_display_url(self.base_url)} cannot serve '{capability}': "
+                              f"{detail}")
+        err.detail = detail
+        return err
+
+    # -- HTTP -----------------------------------------------------------------------------------------------
+    def _session(self):
+        import requests
+
+        sess = getattr(self._local, "session", None)
+        if sess is None:
+            sess = requests.Session()
+            # Loopback servers are never reached through a proxy from the environment.
+            sess.trust_env = urlsplit(self.base_url).hostname not in _LOOPBACK
+            adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=self.max_concurrency,
+                                                    max_retries=0)
+            sess.mount("http://", adapter)
+            sess.mount("https://", adapter)
+            self._local.session = sess
+        return sess
+
+    def _redact(self, text: str) -> str:
+        key = self._secret.get()
+        if key:
+            text = text.replace(key, "***")
+        return re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        base = min(self.backoff_max, self.backoff * (2 ** attempt))
+        with self._lock:
+            base *= 0.5 + 0.5 * self._rng.random()
+        if retry_after:
+            try:
+                base = max(base, min(float(retry_after), self.backoff_max))
+            except ValueError:
+                pass
+        return base
+
+    def _post(self, path: str, payload: dict, *, retries: int | None = None) -> dict:
+        """POST JSON and return the decoded answer, retrying what is worth retrying; never unbounded."""
+        import requests
+
+        url = self.base_url + path
+        shown = _display_url(url)
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._secret.get():
+            headers["Authorization"] = f"Bearer {self._secret.get()}"
+        body = {**self.extra_body, **payload}
+        attempts = (self.max_retries if retries is None else retries) + 1
+        last: ServerError | None = None
+        retry_after = None
+        for attempt in range(attempts):
+            if attempt:
+                with self._lock:
+                    self.stats["retries"] += 1
+                time.sleep(self._delay(attempt - 1, retry_after))
+                retry_after = None
+            with self._lock:
+                self.stats["requests"] += 1
+            try:
+                resp = self._session().post(url, json=body, headers=headers, stream=True,
+                                            timeout=(self.connect_timeout, self.timeout))
+                try:
+                    raw = self._read(resp, shown)
+                finally:
+                    resp.close()
+            except requests.exceptions.ConnectionError as exc:
+                reason = "timed out" if isinstance(exc, requests.exceptions.ConnectTimeout) else "connection failed"
+                last = ServerError(f"cannot reach the OpenAI-compatible server at {shown} ({reason}: "
+                                   f"{self._redact(type(exc).__name__)})", retryable=True)
+                continue
+            except requests.exceptions.Timeout:
+                last = ServerError(f"the server at {shown} did not answer within {self.timeout:g} s", retryable=True)
+                continue
+            except requests.exceptions.RequestException as exc:
+                last = ServerError(f"request to {shown} failed: {self._redact(str(exc))[:300]}", retryable=True)
+                continue
+            except ServerError as exc:
+                last = exc
+                if exc.retryable:
+                    continue
+                break
+            status = resp.status_code
+            if status == 200:
+                try:
+                    data = json.loads(raw)
+                except (ValueError, UnicodeDecodeError):
+                    snippet = self._redact(raw[:200].decode("utf-8", "replace"))
+                    last = ServerError(f"the server at {shown} answered 200 with a body that is not JSON: {snippet!r}",
+                                       status=status)
+                    break
+                if not isinstance(data, dict) or "error" in data and "choices" not in data:
+                    detail = self._redact(json.dumps(data)[:300])
+                    last = ServerError(f"the server at {shown} answered 200 without a result: {detail}", status=status)
+                    break
+                self._count(data)
+                return data
+            message = self._error_text(raw)
+            retryable = status == 429 or status >= 500
+            hint = ""
+            if status in (401, 403):
+                hint = f"; check the API key in ${self.api_key_env} (not shown)"
+            elif status == 404:
+                hint = f"; does the server serve {path} and know the model {self.model!r}?"
+            last = ServerError(f"the server at {shown} answered HTTP {status}: {message}{hint}", status=status,
+                               retryable=retryable)
+            retry_after = resp.headers.get("Retry-After")
+            if not retryable:
+                if status == 400 and _CONTEXT_ERROR.search(message):
+                    from align_env.engines.transformers_engine import PromptTooLongError
+
+                    raise PromptTooLongError(f"the server at {shown} refused an overlong prompt: {message}")
+                break
+        with self._lock:
+            self.stats["failures"] += 1
+        assert last is not None
+        if last.retryable and attempts > 1:
+            raise ServerError(f"{last} (gave up after {attempts} attempts)", status=last.status, retryable=True)
+        raise last
+
+    def _read(self, resp, shown: str) -> bytes:
+        """The body, read under a deadline (a server that drips bytes cannot hold us past the timeout)."""
+        deadline = time.monotonic() + self.timeout
+        chunks, size = [], 0
+        for chunk in resp.iter_content(chunk_size=65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > _MAX_BODY:
+                raise ServerError(f"the server at {shown} sent more than {_MAX_BODY >> 20} MiB", status=resp.status_code)
+            if time.monotonic() > deadline:
+                raise ServerError(f"the server at {shown} did not finish its answer within {self.timeout:g} s",
+                                  retryable=True)
+        return b"".join(chunks)
+
+    def _error_text(self, raw: bytes) -> str:
+        text = raw[:2000].decode("utf-8", "replace")
+        try:
+            data = json.loads(text)
+            err = data.get("error", data) if isinstance(data, dict) else data
+            if isinstance(err, dict):
+                text = str(err.get("message") or err.get("detail") or err)
+            elif isinstance(data, dict) and "detail" in data:
+                text = str(data["detail"])
+            else:
+                text = str(err)
+        except ValueError:
+            pass
+        return self._redact(" ".join(text.split()))[:300] or "(empty body)"
+
+    def _count(self, data: dict) -> None:
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            with self._lock:
+                self.usage["tokens_in"] += int(usage.get("prompt_tokens") or 0)
+                self.usage["tokens_out"] += int(usage.get("completion_tokens") or 0)
+
+    def _map(self, fn: Callable, items: list) -> list:
+        """``[fn(x) for x in items]`` on at most ``max_concurrency`` threads, in order; the first error wins."""
+        if len(items) <= 1 or self.max_concurrency == 1:
+            return [fn(x) for x in items]
+        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items)),
+                                  thread_name_prefix="align-env-openai")
+        try:
+            futures = [pool.submit(fn, x) for x in items]
+            return [f.result() for f in futures]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    @staticmethod
+    def _choice(data: dict, shown: str) -> dict:
+        choices = data.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise ServerError(f"the server at {shown} answered without choices: {json.dumps(data)[:200]}")
+        return choices[0]
+
+    # -- rendering ----------------------------------------------------------------------------------------------
+    def render(self, prompt: PromptInput, add_generation_prompt: bool = True) -> str:
+        """Messages -> text for ``/completions``, with ``chat_template`` (the plain template by default)."""
+        if isinstance(prompt, str):
+            return prompt
+        if not isinstance(prompt, list) or not all(isinstance(m, dict) for m in prompt):
+            raise TypeError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        from align_env.engines.transformers_engine import PLAIN_TEMPLATE
+
+        rendered, _ = render_jinja_template(conversations=[prompt], chat_template=self.chat_template or PLAIN_TEMPLATE,
+                                            add_generation_prompt=add_generation_prompt)
+        return rendered[0]
+
+    def _uses_chat(self, prompt: PromptInput) -> bool:
+        return self.mode == "chat" and not isinstance(prompt, str)
+
+    # -- protocol -------------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[PromptInput], *, n: int = 1, temperature: float = 0.7, top_p: float = 1.0,
+                 max_new_tokens: int = 64, seed: int | None = None) -> list[list[Generation]]:
+        """``n`` samples per prompt, one request each (seeded by (seed, prompt, sample) when ``seed`` is set)."""
+        if max_new_tokens < 1:
+            raise AlignEnvError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise AlignEnvError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if n < 1:
+            raise AlignEnvError(f"n must be >= 1, got {n}")
+        prompts = list(prompts)
+        tasks = [(i, k) for i in range(len(prompts)) for k in range(n)]
+
+        def one(task) -> Generation:
+            i, k = task
+            p = prompts[i]
+            payload = {"model": self.model, "max_tokens": int(max_new_tokens), "temperature": float(temperature),
+                       "top_p": float(top_p), "n": 1}
+            if seed is not None:
+                payload["seed"] = _derive_seed(int(seed), i, k)
+            chat = self._uses_chat(p)
+            if chat:
+                payload["messages"] = p
+            else:
+                payload["prompt"] = self.render(p)
+                if self.stop_strings and not isinstance(p, str):
+                    payload["stop"] = list(self.stop_strings)
+            data = self._post("/chat/completions" if chat else "/completions", payload)
+            choice = self._choice(data, self.base_url)
+            if chat:
+                message = choice.get("message") or {}
+                text = message.get("content") if isinstance(message, dict) else None
+            else:
+                text = choice.get("text")
+            if text is not None and not isinstance(text, str):
+                raise ServerError(f"the server at {_display_url(self.base_url)} answered with non-text content")
+            text = text or ""
+            usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+            finish = choice.get("finish_reason") or "stop"
+            finish = {"eos": "stop", "stop_sequence": "stop", "max_tokens": "length"}.get(finish, finish)
+            return Generation(text=text.strip(), tokens=int(usage.get("completion_tokens") or 0),
+                              finish_reason=finish, prompt_tokens=int(usage.get("prompt_tokens") or 0))
+
+        flat = self._map(one, tasks)
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def next_token_logprobs(self, contexts: Sequence[PromptInput], candidates: Sequence[str]) -> list[dict[str, float]]:
+        """log p(first token of each candidate | context), read from the server's top log-probs."""
+        candidates = list(candidates)
+        if not candidates or any(not isinstance(c, str) or not c for c in candidates):
+            raise AlignEnvError(f"candidates must be non-empty strings, got {candidates!r}")
+        if len(set(candidates)) != len(candidates):
+            raise AlignEnvError(f"candidates {candidates} repeat; pick distinct labels")
+        stripped = [c.strip() for c in candidates]
+        loose = all(stripped) and len(set(stripped)) == len(stripped)
+
+        def one(ctx) -> dict[str, float]:
+            tops = self._top_logprobs(ctx)
+            out = {}
+            for cand, bare in zip(candidates, stripped):
+                hits = [lp for tok, lp in tops.items() if tok == cand or (loose and tok.strip() == bare)]
+                out[cand] = _logsumexp(hits)
+            return out
+
+        return self._map(one, list(contexts))
+
+    def _top_logprobs(self, ctx: PromptInput) -> dict[str, float]:
+        """{token text: log-prob} of the next token's top alternatives (sampled token included)."""
+        chat = self._uses_chat(ctx)
+        payload = {"model": self.model, "max_tokens": 1, "temperature": 0.0}
+        if chat:
+            payload.update(messages=ctx, logprobs=True, top_logprobs=self.top_logprobs)
+        else:
+            payload.update(prompt=self.render(ctx), logprobs=self.top_logprobs)
+        path = "/chat/completions" if chat else "/completions"
+        shown = _display_url(self.base_url)
+        choice = self._choice(self._post(path, payload), shown)
+        tops = self._parse_tops(choice.get("logprobs"), chat, shown)
+        if tops is None and choice.get("finish_reason") == "stop":
+            # The model ended at once (end-of-text) and the server then sent no log-probs (llama.cpp's Python
+            # server does this): ask again for one real token. When that is refused too, no candidate is in
+            # view: every candidate gets -inf and a judge abstains.
+            try:
+                choice = self._choice(self._post(path, {**payload, "min_tokens": 1}), shown)
+            except ServerError as exc:
+                if exc.status is None or exc.retryable:
+                    raise
+                return {}
+            tops = self._parse_tops(choice.get("logprobs"), chat, shown)
+            if tops is None:
+                return {}
+        if tops is None:
+            raise self._need("next_token", f"the server returned no log-probs for {path} (logprobs="
+                                           f"{payload.get('logprobs')}, top_logprobs={payload.get('top_logprobs')})")
+        return tops
+
+    @staticmethod
+    def _parse_tops(lp, chat: bool, shown: str) -> dict[str, float] | None:
+        if not isinstance(lp, dict):
+            return None
+        tops: dict[str, float] = {}
+
+        def add(tok, val):
+            if isinstance(tok, str) and isinstance(val, (int, float)) and not isinstance(val, bool):
+                tok = tok.replace("\u2581", " ").replace("\u0120", " ")
+                tops[tok] = max(float(val), tops.get(tok, float("-inf")))
+
+        try:
+            if chat:
+                content = lp.get("content") or []
+                if not content:
+                    return None
+                first = content[0]
+                add(first.get("token"), first.get("logprob"))
+                for alt in first.get("top_logprobs") or []:
+                    add(alt.get("token"), alt.get("logprob"))
+            else:
+                toks, vals, top = lp.get("tokens") or [], lp.get("token_logprobs") or [], lp.get("top_logprobs") or []
+                if not toks and not top:
+                    return None
+                if toks and vals:
+                    add(toks[0], vals[0])
+                first = top[0] if top else None
+                if isinstance(first, dict):
+                    for tok, val in first.items():
+                        add(tok, val)
+                elif isinstance(first, list):
+                    for alt in first:
+                        if isinstance(alt, dict):
+                            add(alt.get("token"), alt.get("logprob"))
+        except (AttributeError, TypeError, IndexError) as exc:
+            raise ServerError(f"the server at {shown} answered with malformed log-probs ({exc})") from None
+        return tops or None
+
+    def score(self, contexts: Sequence[PromptInput], continuations: Sequence[str]) -> list[ContinuationScore]:
+        """log p(continuation | context) from the server's echoed prompt log-probs (``/completions``).
+
+        The server tokenizes context + continuation as one text; the continuation's tokens are those that
+        cover it from the end (a token that straddles the boundary counts with the continuation). An empty
+        string context leaves the first token unscored (servers give it no log-prob).
+        """
+        if len(contexts) != len(continuations):
+            raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+        if "score" not in self.capabilities:
+            note = self.capability_notes.get("score") or "it was declared without 'score'"
+            raise self._need("score", f"{note}. Use a server that echoes prompt log-probs (vLLM), another engine "
+                                      f"(transformers, llama_cpp), or an annotator family that needs only "
+                                      f"'next_token' (llm_judge)")
+        return self._map(lambda pair: self._echo_score(self.render(pair[0]), pair[1]),
+                         list(zip(contexts, continuations)))
+
+    def _echo_score(self, ctx_text: str, cont: str, *, retries: int | None = None) -> ContinuationScore:
+        shown = _display_url(self.base_url)
+        if not cont:
+            return ContinuationScore(0.0, 0, (), 0, False)
+        payload = {"model": self.model, "prompt": ctx_text + cont, "max_tokens": 1, "temperature": 0.0,
+                   "echo": True, "logprobs": 0}
+        try:
+            data = self._post("/completions", payload, retries=retries)
+        except ServerError as exc:
+            if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (401, 403, 429):
+                raise self._need("score", f"/completions with echo=True and logprobs was refused ({exc})") from None
+            raise
+        choice = self._choice(data, shown)
+        lp = choice.get("logprobs")
+        toks = lp.get("tokens") if isinstance(lp, dict) else None
+        vals = lp.get("token_logprobs") if isinstance(lp, dict) else None
+        if not isinstance(toks, list) or not isinstance(vals, list) or len(toks) != len(vals) or not toks:
+            raise self._need("score", "the server returned no echoed prompt log-probs (/completions with echo=True "
+                                      "and logprobs)")
+        texts = [t if isinstance(t, str) else "" for t in toks]
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        generated = usage.get("completion_tokens")
+        generated = generated if isinstance(generated, int) and generated >= 0 else 1
+        # Where the echoed prompt ends: servers differ on whether the generated token is listed.
+        for end in dict.fromkeys([len(toks) - min(generated, len(toks)), len(toks), len(toks) - 1]):
+            start = continuation_start(texts, end, cont)
+            if start is not None:
+                break
+        else:
+            tail = "".join(texts)[-60:]
+            raise self._need("score", f"its echoed tokens do not end with the continuation (they end with {tail!r})")
+        lps = [float(v) for v in vals[start:end] if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        prompt_tokens = usage.get("prompt_tokens")
+        n_ctx = (prompt_tokens if isinstance(prompt_tokens, int) else end) - (end - start)
+        return ContinuationScore(sum(lps), len(lps), tuple(lps), max(0, n_ctx), False)
+
+
+def continuation_start(texts: Sequence[str], end: int, cont: str) -> int | None:
+    """Index of the first of ``texts[:end]`` that belongs to ``cont`` (matched from the end), or None.
+
+    A token that straddles the boundary (context characters, then the continuation's first ones) belongs to
+    the continuation. Servers show a token that holds only part of a multi-byte character as an empty
+    string (or a replacement character); such fragments are skipped and the non-ASCII characters they stand
+    for are matched loosely.
+    """
+    pos, j, pending = len(cont), end, False
+    while pos > 0:
+        if j == 0:
+            return None
+        j -= 1
+        frag = "\ufffd" in texts[j]
+        t = texts[j].replace("\ufffd", "")
+        if not t:
+            pending = True  # a fragment of a multi-byte character
+            continue
+        k = pos
+        while True:
+            if cont.endswith(t, 0, k):
+                pos, pending = k - len(t), frag
+                break
+            if k and t.endswith(cont[:k]):  # straddles the boundary
+                pos = 0
+                break
+            if k and ord(cont[k - 1]) > 127 and pending:
+                k -= 1  # a character the server showed only as fragments
+                if k == 0:
+                    return j + 1  # the continuation begins with such a character; this token is context
+                continue
+            return None
+    return j
