@@ -52,13 +52,20 @@ def run_demo(policy: str = "smollm2-135m", annotator: str = "rules", episodes: i
     return rows
 
 
+def _headline(prompt: str) -> str:
+    """The line that says what a prompt is about: a post's title, else its first line."""
+    lines = [line for line in prompt.splitlines() if line.strip()]
+    titles = [line[len("Title: "):] for line in lines if line.startswith("Title: ")]
+    return titles[0] if titles else lines[0] if lines else ""
+
+
 def _print_table(rows: list[dict]) -> None:
     print()
     print(f"{'env':<14} {'prompt':<38} {'answer A':<38} {'answer B':<38} P(A>B)")
     print("-" * 136)
     for r in rows:
         pref = "abstain" if r["preference"] is None else f"{r['preference']:.2f}"
-        print(f"{r['env']:<14} {_clip(r['prompt'].split(chr(10))[-1], 38):<38} {_clip(r['a'], 38):<38} "
+        print(f"{r['env']:<14} {_clip(_headline(r['prompt']), 38):<38} {_clip(r['a'], 38):<38} "
               f"{_clip(r['b'], 38):<38} {pref}")
     print()
     best = max(rows, key=lambda r: abs((r["preference"] or 0.5) - 0.5))

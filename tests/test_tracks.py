@@ -49,7 +49,7 @@ def test_summarize_items_are_forum_posts_with_short_references():
         n = len(tm.words(item.source))
         assert 70 <= n <= 270, (item.id, n)
         assert len(tm.words(item.reference)) <= 45, item.id
-        assert item.meta["title"] and item.prompt.endswith(item.source.strip())
+        assert item.meta["title"] and item.source.strip() in item.prompt and item.prompt.rstrip().endswith("at most 40 words.")
 
 
 def test_helpful_categories_are_varied():
@@ -122,8 +122,9 @@ def test_hub_loaders_on_schema_files(tmp_path):
     assert first.meta == {"title": "My friend forgot my birthday", "forum": "relationships"}
     assert first.source.startswith("We have been friends") and "TL;DR" not in first.source
     assert first.reference == "Best friend forgot my birthday; hurt but don't want drama."
-    assert first.prompt == get_track("summarize").train[0].prompt.split("\n\n")[0] + "\n\n" + (
-        "Forum: relationships\nTitle: My friend forgot my birthday\n\n" + first.source)
+    embedded = get_track("summarize").train[0]
+    request = embedded.prompt.split(embedded.source.strip())[1]  # the same TL;DR request after the post
+    assert first.prompt == "Forum: relationships\nTitle: My friend forgot my birthday\n\n" + first.source + request
     pair = summarize.pairs[0]
     assert (pair.chosen, pair.rejected) == ("Lost keys twice.", "Found a cat.")
     assert summarize.id == "summarize-v0@trl-lib/tldr"
