@@ -164,3 +164,28 @@ def test_embedding_family_prefers_the_reference_like_answer():
     good, bad, empty = ann.score([ITEM] * 3, [GOOD, "The stock market fell on Tuesday.", ""])
     assert good > 0.5 > bad and empty == 0.0
     assert ann.pairwise([ITEM], [GOOD], [BAD])[0] > 0.5
+
+
+@pytest.mark.parametrize("off", ["off", "false", "none"])
+def test_cache_can_be_switched_off_without_writing_a_file(tiny_lm_dir, tmp_path, monkeypatch, off):
+    monkeypatch.chdir(tmp_path)
+    ann = make_annotator(f"{tiny_lm_dir}:likelihood?cache={off}", track="helpful")
+    assert not isinstance(ann, CachedAnnotator)
+    ann.pairwise([ITEM], [GOOD], [BAD])
+    assert list(tmp_path.iterdir()) == []  # no stray database named after the value
+
+
+ODD = ["", "   \n\t", "🙂🙂🙂 ünïcödé – “quotes” ‮rtl‬ \u200b", "\x00\x01 control", "日本語の答え。" * 20]
+
+
+@pytest.mark.parametrize("family", ["likelihood", "llm_judge", "rules"])
+def test_odd_unicode_and_empty_responses_get_valid_verdicts(tiny_lm_dir, family):
+    spec = "rules" if family == "rules" else f"{tiny_lm_dir}:{family}?cache=off"
+    ann = make_annotator(spec, track="helpful")
+    prefs = ann.pairwise([ITEM] * len(ODD), ODD, [GOOD] * len(ODD))
+    assert len(prefs) == len(ODD)
+    assert all(p is None or (math.isfinite(p) and 0.0 <= p <= 1.0) for p in prefs)
+    scores = ann.score([ITEM] * len(ODD), ODD)
+    assert all(s is None or math.isfinite(s) for s in scores)
+    if family != "llm_judge":  # the empty answer scores the floor; a judge reads it like any other text
+        assert prefs[0] < 0.5 and prefs[1] < 0.5
