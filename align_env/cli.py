@@ -90,6 +90,39 @@ def _cmd_annotators(args) -> int:
     return 0
 
 
+def _parse_sets(pairs: list[str]) -> dict[str, str]:
+    """``--set key=value`` pairs -> ``{key: value}`` (values stay strings; the agent registry coerces them)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise AlignEnvError(f"--set expects key=value, got {pair!r}")
+        if key.strip() in out:
+            raise AlignEnvError(f"--set gives {key.strip()!r} twice")
+        out[key.strip()] = value
+    return out
+
+
+def _cmd_run(args) -> int:
+    from benchmarks.runner import run_one
+
+    result = run_one(args.agent, args.track, args.annotator, steps=args.steps, budget_prompts=args.budget_prompts,
+                     budget_annotator_calls=args.budget_annotator_calls, num_envs=args.num_envs, seed=args.seed,
+                     out_dir=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                     progress=not args.no_progress, overrides=_parse_sets(args.set))
+    run_dir = result["run_dir"]
+    if result.get("reused"):
+        print(f"this run had already finished in {run_dir}; nothing was recomputed")
+    last = result.get("final_metrics") or {}
+    shown = {k: last[k] for k in ("loss", "reward_margin", "reward_mean", "response_length") if last.get(k) is not None}
+    print(f"{result['step']} steps, {result['prompts_seen']} prompts, {result['annotator_calls']} annotator calls, "
+          f"{result['abstentions']} abstentions, stopped by the {result['stop_reason']} budget; last step: "
+          + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    print(f"results: {run_dir}  (config.json, metrics.jsonl, result.json, "
+          f"{result['final_checkpoint']}/agent)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align-env", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -122,6 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("--seed", type=int, default=0)
     ann.add_argument("--out", default="annotator-eval", help="output folder (finished results are reused)")
     ann.set_defaults(func=_cmd_annotators)
+
+    run = sub.add_parser("run", help="one training run: an agent on a track, judged by an annotator")
+    run.add_argument("--agent", required=True, help="agent name (online-dpo, offline-dpo, best-of-n, initial), "
+                     "a plug-in name or 'module:Class'")
+    run.add_argument("--track", required=True, help="summarize, helpful or harmless")
+    run.add_argument("--annotator", default="rules", help="annotator spec '<model>:<family>[?k=v]'")
+    run.add_argument("--steps", type=int, default=None, help="budget in steps (batches)")
+    run.add_argument("--budget-prompts", type=int, default=None, help="budget in prompts (never exceeded)")
+    run.add_argument("--budget-annotator-calls", type=int, default=None,
+                     help="budget in annotator calls (stops at the first step that reaches it)")
+    run.add_argument("--num-envs", type=int, default=8, help="prompts per step (the batch)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--out", default=None, help="run folder (default: runs/<agent>-<track>-s<seed>-<hash of the "
+                     "config>, so the same command finds the same folder)")
+    run.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="agent config field, e.g. --set model=smollm2-135m --set beta=0.1 (repeatable)")
+    run.add_argument("--resume", action="store_true", help="continue an unfinished run in the folder")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=_cmd_run)
     return parser
 
 

@@ -66,9 +66,39 @@ class PromptSampler:
             raise did_you_mean("prompt id", prompt_id, self._by_id)
         return self._by_id[prompt_id]
 
+    def get_state(self) -> dict[str, Any]:
+        """The pass order and position as plain JSON data (see :meth:`set_state`)."""
+        return {"order": [int(i) for i in self._order], "pos": int(self._pos), "n_items": len(self.items),
+                "first_id": self.items[0].id}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue exactly where :meth:`get_state` was taken; refuses the state of a different split."""
+        if state.get("n_items") != len(self.items) or state.get("first_id") != self.items[0].id:
+            raise AlignEnvError(f"sampler state is for a split of {state.get('n_items')} prompts starting with "
+                                f"{state.get('first_id')!r}, not this one ({len(self.items)}, {self.items[0].id!r})")
+        order = np.asarray(state["order"], dtype=np.int64)
+        if order.size and (order.min() < 0 or order.max() >= len(self.items)) or not 0 <= state["pos"] <= order.size:
+            raise AlignEnvError("corrupt sampler state: order or position out of range")
+        self._order, self._pos = order, int(state["pos"])
+
 
 def _observation(item: PromptItem) -> dict[str, Any]:
     return {"prompt": item.prompt, "messages": item.messages}
+
+
+def _rng_state(rng: np.random.Generator | None) -> dict[str, Any] | None:
+    return None if rng is None else rng.bit_generator.state
+
+
+def _rng_from_state(state: dict[str, Any] | None) -> np.random.Generator | None:
+    if state is None:
+        return None
+    kind = state.get("bit_generator")
+    if kind not in ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64"):
+        raise AlignEnvError(f"unknown bit generator {kind!r} in the env state")
+    rng = np.random.Generator(getattr(np.random, kind)())
+    rng.bit_generator.state = state
+    return rng
 
 
 def _judge(annotator, feedback: str, items: list[PromptItem], actions: list) -> tuple[list, FeedbackCost]:
@@ -143,6 +173,17 @@ class AlignEnv(gym.Env[dict, Any]):
         info = _step_info(self.feedback, item, verdict) | {"feedback_cost": cost}
         self._last = f"{item.prompt}\n-> {action!r}\n= {verdict}"
         return _observation(item), _reward(self.feedback, verdict), True, False, info
+
+    def get_state(self) -> dict[str, Any]:
+        """RNG, prompt order and current prompt as plain JSON data; :meth:`set_state` continues from it."""
+        return {"np_random": _rng_state(self._np_random), "np_random_seed": self._np_random_seed,
+                "sampler": self._sampler.get_state(), "item": None if self._item is None else self._item.id}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`get_state` snapshot: the next ``reset``/``step`` behave as they would have then."""
+        self._sampler.set_state(state["sampler"])
+        self._np_random, self._np_random_seed = _rng_from_state(state["np_random"]), state["np_random_seed"]
+        self._item = None if state["item"] is None else self._sampler.by_id(state["item"])
 
     def render(self):
         if self.render_mode == "ansi":
@@ -223,3 +264,24 @@ class AlignVectorEnv(VectorEnv):
         terminated = np.ones(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)
         return obs, rewards, terminated, truncated, info
+
+    def get_state(self) -> dict[str, Any]:
+        """RNG, prompt order and the current batch of prompts as plain JSON data (see :meth:`set_state`)."""
+        return {"np_random": _rng_state(self._np_random), "np_random_seed": self._np_random_seed,
+                "sampler": self._sampler.get_state(), "items": [i.id for i in self._items],
+                "num_envs": self.num_envs}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`get_state` snapshot; :meth:`current_observation` then gives the pending batch."""
+        if state.get("num_envs") != self.num_envs:
+            raise AlignEnvError(f"env state is for num_envs={state.get('num_envs')}, this env has {self.num_envs}")
+        self._sampler.set_state(state["sampler"])
+        self._np_random, self._np_random_seed = _rng_from_state(state["np_random"]), state["np_random_seed"]
+        self._items = [self._sampler.by_id(i) for i in state["items"]]
+
+    def current_observation(self) -> tuple[dict[str, tuple], dict[str, Any]]:
+        """The pending batch (what the last ``reset``/``step`` returned) as ``(obs, info)``."""
+        if not self._items:
+            raise AlignEnvError("no pending batch: call reset() first")
+        obs = {"prompt": tuple(i.prompt for i in self._items), "messages": tuple(i.messages for i in self._items)}
+        return obs, {"prompt_id": np.array([i.id for i in self._items], dtype=object)}

@@ -154,7 +154,7 @@ class TransformersEngine:
 
     @torch.no_grad()
     def score(self, contexts: Sequence[PromptInput], continuations: Sequence[str]) -> list[ContinuationScore]:
-        """log p(continuation | context), summed over continuation tokens, batched with right padding.
+        """log p(continuation | context), summed over continuation tokens, batched by length with left padding.
 
         Context and continuation are tokenized apart and joined, so the continuation's tokens are the
         same whatever the context. An empty context scores the continuation after BOS (or the first
@@ -172,30 +172,54 @@ class TransformersEngine:
             if len(ctx_ids) + len(cont_ids) > self.max_context:
                 ctx_ids, truncated = self._fit(ctx_ids, self.max_context - len(cont_ids))[0], True
             rows.append((ctx_ids, cont_ids, truncated))
-        out: list[ContinuationScore] = []
-        for start in range(0, len(rows), self.batch_size):
-            out += self._score_batch(rows[start : start + self.batch_size])
-        return out
+        out: list[ContinuationScore | None] = [None] * len(rows)
+        for batch in self._length_batches([c + t for c, t, _ in rows]):
+            for k, result in zip(batch, self._score_batch([rows[k] for k in batch])):
+                out[k] = result
+        return out  # type: ignore[return-value]
 
     def _bos(self) -> list[int]:
         bos = self.tokenizer.bos_token_id
         return [bos] if bos is not None else []
 
+    def _length_batches(self, seqs: Sequence[list[int]]) -> list[list[int]]:
+        """Indices in batches of similar length (less padding), in a fixed order."""
+        order = sorted(range(len(seqs)), key=lambda k: (len(seqs[k]), k))
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def _forward_tail(self, seqs: Sequence[list[int]], keep: int) -> torch.Tensor:
+        """Log-softmax over the vocabulary at the last ``keep`` positions of each left-padded sequence.
+
+        Only those positions go through the output layer (``logits_to_keep``): with a 49k-262k vocabulary
+        the full logits of a long prompt cost as much as the rest of the model.
+        """
+        width = max(1, max(len(s) for s in seqs))
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, seq in enumerate(seqs):
+            if seq:
+                ids[r, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+                mask[r, width - len(seq) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                            position_ids=positions.to(self.device), logits_to_keep=min(keep, width)).logits
+        return torch.log_softmax(logits.float(), dim=-1).cpu()
+
     def _score_batch(self, rows) -> list[ContinuationScore]:
         seqs = [c + t for c, t, _ in rows]
         width = max(1, max(len(s) for s in seqs))
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[r, : len(s)] = 1
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1).to(self.device))
-        logp = logp.squeeze(-1).cpu()
+        keep = max(len(t) for _, t, _ in rows) + 1  # the last context token predicts the first continuation token
+        logp = self._forward_tail(seqs, keep)  # [batch, keep', vocab], right-aligned with the sequences
+        keep = logp.shape[1]
         results = []
         for r, (ctx, cont, truncated) in enumerate(rows):
+            n = len(ctx) + len(cont)
             first = max(len(ctx), 1)  # the first token of a BOS-less sequence has no prediction
-            token_lp = logp[r, first - 1 : len(ctx) + len(cont) - 1].tolist()
+            # the logit at sequence position j (0-based in seq) sits at column j - (width - keep) - (width - n)
+            token_lp = []
+            for j in range(first - 1, n - 1):
+                col = j + (width - n) - (width - keep)
+                token_lp.append(float(logp[r, col, seqs[r][j + 1]]))
             results.append(ContinuationScore(sum(token_lp), len(token_lp), tuple(token_lp), len(ctx), truncated))
         return results
 
@@ -214,16 +238,9 @@ class TransformersEngine:
         if len(set(first.values())) != len(first):
             raise AlignEnvError(f"candidates {list(candidates)} share their first token; pick distinct labels")
         rows = [self._fit(self.encode(self.render(c)), self.max_context)[0] for c in contexts]
-        out: list[dict[str, float]] = []
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start : start + self.batch_size]
-            width = max(len(r) for r in chunk)
-            ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, seq in enumerate(chunk):  # left padding: the last position is the next-token slot
-                ids[r, width - len(seq) :] = torch.tensor(seq)
-                mask[r, width - len(seq) :] = 1
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits[:, -1]
-            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-            out += [{c: float(logp[r, t]) for c, t in first.items()} for r in range(len(chunk))]
-        return out
+        out: list[dict[str, float] | None] = [None] * len(rows)
+        for batch in self._length_batches(rows):
+            logp = self._forward_tail([rows[k] for k in batch], 1)[:, -1]
+            for r, k in enumerate(batch):
+                out[k] = {c: float(logp[r, t]) for c, t in first.items()}
+        return out  # type: ignore[return-value]
