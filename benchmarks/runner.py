@@ -65,10 +65,10 @@ def check_annotator(annotator: Any) -> None:
     """Fail fast, before any model loads, on an annotator spec whose family is unknown (did-you-mean)."""
     if not isinstance(annotator, str):
         return
-    from align_env.feedback import _families, parse_spec
+    from align_env.feedback import families, parse_spec
 
     family = parse_spec(annotator).family
-    if family not in (known := _families()):
+    if family not in (known := families()):
         raise did_you_mean("annotator family", family, known)
 
 

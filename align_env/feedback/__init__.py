@@ -16,7 +16,7 @@ from align_env.feedback.base import Annotator, FeedbackCost, validate_verdicts
 from align_env.feedback.spec import AnnotatorSpec, parse_spec
 
 __all__ = ["Annotator", "AnnotatorSpec", "FeedbackCost", "FAMILIES", "make_annotator", "parse_spec",
-           "register_family", "validate_verdicts"]
+           "families", "register_family", "validate_verdicts"]
 
 FAMILIES: dict[str, str] = {
     "rules": "align_env.feedback.factories:rules",
@@ -37,7 +37,8 @@ def register_family(name: str, target: str) -> None:
     FAMILIES[name] = target
 
 
-def _families() -> dict[str, str]:
+def families() -> dict[str, str]:
+    """Every annotator family by name: the built-in ones and those registered through entry points."""
     found = dict(FAMILIES)
     for ep in entry_points(group="align_env.annotators"):
         found.setdefault(ep.name, ep.value)
@@ -56,14 +57,14 @@ def make_annotator(spec: str | AnnotatorSpec | Any, track: str | None = None) ->
             return spec
         raise AlignEnvError(f"annotator must be a spec string or an object with pairwise/score, got {spec!r}")
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
-    families = _families()
-    if parsed.family not in families:
-        raise did_you_mean("annotator family", parsed.family, families)
+    known = families()
+    if parsed.family not in known:
+        raise did_you_mean("annotator family", parsed.family, known)
     if parsed.family in MODEL_FREE and parsed.model:
         raise AlignEnvError(f"annotator family {parsed.family!r} takes no model; write {parsed.family!r}")
     if parsed.family in NEEDS_MODEL and not parsed.model:
         raise AlignEnvError(f"annotator family {parsed.family!r} needs a model: '<model>:{parsed.family}'")
-    annotator = _load(families[parsed.family])(parsed, track)
+    annotator = _load(known[parsed.family])(parsed, track)
     return _with_cache(annotator, parsed)
 
 
