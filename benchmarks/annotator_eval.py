@@ -42,6 +42,12 @@ class AnnotatorResult:
     prefers_longer: float
     seconds_per_judgement: float
     tokens_per_judgement: float
+    source: str = "embedded"
+    seed: int = 0
+    max_pairs: int | None = None
+
+    def settings(self) -> tuple:
+        return self.source, self.seed, self.max_pairs
 
 
 def _unwrap(annotator):
@@ -68,7 +74,10 @@ def evaluate(spec: str, track_name: str, *, source: str = "embedded", seed: int 
     seconds = time.perf_counter() - start
     cost = getattr(annotator, "cost", FeedbackCost()) - before
     details = getattr(_unwrap(annotator), "last_details", None)
-    if details and len(details) == len(pairs) and all(d.get("p_ba") is not None for d in details):
+    if getattr(_unwrap(annotator), "order_free", False):
+        # scores each response on its own (likelihood, embedding, rules, reward model): the order cannot matter
+        consistent = [True] * len(pairs)
+    elif details and len(details) == len(pairs) and all(d.get("p_ba") is not None for d in details):
         consistent = [(d["p_ab"] > 0.5) == (d["p_ba"] < 0.5) for d in details]
     else:
         reverse = annotator.pairwise(items, b, a)
@@ -91,6 +100,7 @@ def evaluate(spec: str, track_name: str, *, source: str = "embedded", seed: int 
         abstention=sum(v is None for v in verdicts) / len(pairs), position_consistency=float(np.mean(consistent)),
         prefers_longer=float(np.mean(longer)) if longer else float("nan"),
         seconds_per_judgement=seconds / len(pairs), tokens_per_judgement=cost.tokens_in / len(pairs),
+        source=source, seed=seed, max_pairs=max_pairs,
     )
 
 
@@ -119,8 +129,20 @@ def run(specs: list[str], tracks: list[str], out: Path, *, source: str = "embedd
             results.append(res)
             progress(f"{track:<10} {spec:<40} acc {res.accuracy:.3f} [{res.ci_low:.2f}, {res.ci_high:.2f}] "
                      f"{res.seconds_per_judgement:.3f}s/pair")
-    write_outputs(results, out)
+    write_outputs(collected(out, (source, seed, max_pairs), first=results), out)
     return results
+
+
+def collected(out: Path, settings: tuple, first: list[AnnotatorResult] = ()) -> list[AnnotatorResult]:
+    """This run's results, then every other finished result in ``out`` made with the same settings
+    (source, seed, max_pairs): a folder accumulates, so a track-specific spec can be run on its own."""
+    rows, seen = list(first), {(r.annotator, r.track) for r in first}
+    for path in sorted((out / "results").glob("*.json")):
+        res = AnnotatorResult(**json.loads(path.read_text()))
+        if res.settings() == settings and (res.annotator, res.track) not in seen:
+            rows.append(res)
+            seen.add((res.annotator, res.track))
+    return rows
 
 
 def write_outputs(results: list[AnnotatorResult], out: Path) -> None:

@@ -189,3 +189,15 @@ def test_odd_unicode_and_empty_responses_get_valid_verdicts(tiny_lm_dir, family)
     assert all(s is None or math.isfinite(s) for s in scores)
     if family != "llm_judge":  # the empty answer scores the floor; a judge reads it like any other text
         assert prefs[0] < 0.5 and prefs[1] < 0.5
+
+
+def test_order_free_families_really_ignore_the_order(tiny_lm_dir):
+    """The annotator evaluation trusts ``order_free`` and skips the swapped call: check the claim."""
+    for spec in (f"{tiny_lm_dir}:likelihood?cache=off", "rules"):
+        ann = make_annotator(spec, track="helpful")
+        assert getattr(ann, "order_free", False)
+        ab = ann.pairwise([ITEM] * 2, [GOOD, BAD], [BAD, GOOD + " Also rotate the pot."])
+        ba = ann.pairwise([ITEM] * 2, [BAD, GOOD + " Also rotate the pot."], [GOOD, BAD])
+        assert ab == pytest.approx([1 - x for x in ba], abs=1e-9)
+    judge = make_annotator(f"{tiny_lm_dir}:llm_judge?cache=off", track="helpful")
+    assert not getattr(judge, "order_free", False)  # a prompted judge sees the order

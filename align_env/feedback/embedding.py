@@ -20,6 +20,7 @@ from align_env.feedback.base import CostMeter, Prompt, Verdict, as_item, check_b
 
 class EmbeddingSimilarity:
     deterministic = True
+    order_free = True  # each response is scored on its own
 
     def __init__(self, model: str = "minilm-l6", *, temperature: float = 0.05, batch_size: int = 32,
                  max_length: int = 256, spec: str = "embedding"):

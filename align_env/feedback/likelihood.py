@@ -30,6 +30,7 @@ EMPTY_SCORE = -20.0
 
 class LikelihoodScorer:
     deterministic = True
+    order_free = True  # each response is scored on its own
 
     def __init__(self, engine, *, mode: str = "pmi", temperature: float = 0.5, spec: str = "likelihood"):
         if mode not in MODES:

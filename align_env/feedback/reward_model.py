@@ -19,6 +19,7 @@ from align_env.feedback.base import CostMeter, Prompt, Verdict, as_item, check_b
 
 class RewardModel:
     deterministic = True
+    order_free = True  # each response is scored on its own
 
     def __init__(self, model: str, *, batch_size: int = 8, max_length: int = 1024, trust_remote_code: bool = False,
                  spec: str = "reward_model"):

@@ -87,6 +87,7 @@ class RulesAnnotator:
     """Deterministic heuristic annotator for a track (see the module docstring for the score)."""
 
     deterministic = True
+    order_free = True  # each response is scored on its own
 
     def __init__(self, track: str = "helpful", *, temperature: float = 0.05, length_penalty: float = 0.0,
                  prefer: str | None = None, spec: str = "rules"):
