@@ -154,6 +154,13 @@ def convert_gguf(gguf: Path, target: Path, *, chat: bool) -> Path:
     return target
 
 
+def gguf_path(name: str) -> Path:
+    """The GGUF file of a catalogue model (for llama.cpp: ``python -m llama_cpp.server --model <path>``)."""
+    if name not in CATALOGUE:
+        raise did_you_mean("model", name, CATALOGUE)
+    return Path(CATALOGUE[name].gguf())
+
+
 def prepare(name: str) -> Path:
     """Local safetensors folder of a catalogue model, converting (or rebuilding a bad entry) if needed."""
     if name not in CATALOGUE:

@@ -132,3 +132,16 @@ def test_model_names_are_checked(tmp_path):
         LlamaCppEngine.from_name("smollm2-13m")
     with pytest.raises(AlignEnvError, match="does not exist"):
         LlamaCppEngine.from_name(str(tmp_path / "missing.gguf"))
+
+
+def test_annotators_by_spec_run_on_it(engine):
+    from align_env.feedback import make_annotator
+
+    opts = "engine=llama_cpp&n_ctx=512&n_threads=1&cache=off"
+    judge = make_annotator(f"smollm2-135m:llm_judge?{opts}")
+    assert judge.engine is engine  # the same options share the loaded model
+    pmi = make_annotator(f"smollm2-135m:likelihood?mode=pmi&{opts}")
+    verdicts = pmi.pairwise(["Name a fruit.", "Say hi."], ["An apple is a fruit.", ""], ["Bricks.", "Hi there!"])
+    assert all(0.0 <= v <= 1.0 for v in verdicts) and verdicts[1] < 0.5  # an empty response loses
+    with pytest.raises(AlignEnvError, match="engine 'llama_cpp' takes no option 'dtype'"):
+        make_annotator(f"smollm2-135m:likelihood?dtype=float32&{opts}")

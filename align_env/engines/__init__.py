@@ -84,9 +84,11 @@ def require(engine, capability: str, family: str) -> None:
 
     caps = getattr(engine, "capabilities", {"generate", "score"})
     if capability not in caps:
+        # Engines that find out what they serve (a server) say why in ``capability_notes``.
+        note = (getattr(engine, "capability_notes", None) or {}).get(capability)
         raise AlignEnvError(
             f"annotator family {family!r} needs '{capability}' but engine {getattr(engine, 'name', engine)!r} "
-            f"serves only {sorted(caps)}"
+            f"serves only {sorted(caps)}" + (f": {note}" if note else "")
         )
 
 

@@ -53,10 +53,10 @@ def _import_llama_cpp():
 
 def resolve_gguf(model: str) -> tuple[Path, str]:
     """(GGUF path, display name) of a catalogue name (e.g. ``smollm2-135m``) or a ``.gguf`` file path."""
-    from align_env.models import CATALOGUE
+    from align_env.models import CATALOGUE, gguf_path
 
     if model in CATALOGUE:
-        return Path(CATALOGUE[model].gguf()), model
+        return gguf_path(model), model
     path = Path(model).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():

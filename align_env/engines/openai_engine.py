@@ -11,11 +11,16 @@ Endpoints:
   matched by text among the returned top tokens. Tokens that differ from a candidate only by surrounding
   whitespace (``"A"``, ``" A"``) count as the same answer and are combined (log-sum-exp), unless two
   candidates would then collide. A candidate outside the returned top tokens gets ``-inf``: when both
-  labels are missing a judge abstains.
+  labels are missing a judge abstains. A server that answers without log-probs (or ``logprobs=False``)
+  gets the answer parsed from a few generated tokens instead (:func:`parse_label`): the label named gets
+  0.0 and the others ``-inf`` (a hard verdict); an answer naming none abstains, counted in
+  ``stats["unparsed_answers"]``.
 * ``score``: ``/completions`` with ``echo=True`` and ``logprobs``, which gives the log-probabilities of the
-  prompt's own tokens (vLLM, llama.cpp's Python server with ``logits_all``). The server tokenizes context
-  and continuation together; the continuation's tokens are found from the end of the echoed prompt. A
-  server without echo log-probs raises :class:`CapabilityError` naming what is missing.
+  prompt's own tokens (vLLM). The server tokenizes context and continuation together; the continuation's
+  tokens are found from the end of the echoed prompt. A server without echo log-probs raises
+  :class:`CapabilityError` naming what is missing. llama-cpp-python's server (0.3.x) echoes prompt
+  log-probs that do not belong to the prompt's tokens (about -12 nats per token on text the model predicts
+  at -0.5); the capability probe detects it, so that server serves judges (``next_token``), not ``score``.
 
 ``capabilities`` is probed lazily (one tiny request, the first time it is read) unless it is given.
 
@@ -119,7 +124,7 @@ class OpenAIEngine:
                  connect_timeout: float | None = None, max_retries: int = 3, backoff: float = 0.5,
                  backoff_max: float = 8.0, jitter_seed: int = 0, max_concurrency: int = 8, top_logprobs: int = 20,
                  chat_template: str | None = None, capabilities: Sequence[str] | None = None,
-                 extra_body: dict | None = None):
+                 extra_body: dict | None = None, logprobs: bool = True, answer_tokens: int = 8):
         if mode not in MODES:
             raise did_you_mean("openai engine mode", mode, MODES)
         if timeout <= 0 or max_retries < 0 or max_concurrency < 1 or top_logprobs < 1:
@@ -145,7 +150,9 @@ class OpenAIEngine:
         self._caps = frozenset(capabilities) if capabilities is not None else None
         self.capability_notes: dict[str, str] = {}
         self.usage = {"tokens_in": 0, "tokens_out": 0}
-        self.stats = {"requests": 0, "retries": 0, "failures": 0}
+        self.stats = {"requests": 0, "retries": 0, "failures": 0, "parsed_answers": 0, "unparsed_answers": 0}
+        # Judge answers parsed from text rather than read from log-probs (asked for, or found out).
+        self._text_answers, self.answer_tokens = not logprobs, int(answer_tokens)
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -185,8 +192,8 @@ class OpenAIEngine:
         return self._caps
 
     # A text any language model continues with confidence: correctly aligned echo log-probs average about
-    # -0.06 nats per token on it (SmolLM2-135M, Gemma-3-270M); log-probs shifted by one position (a known bug
-    # of llama-cpp-python's server for models without BOS) average about -12.
+    # -0.06 nats per token on it (SmolLM2-135M, Gemma-3-270M); the misaligned echo log-probs of
+    # llama-cpp-python's server (0.3.x) average about -12.
     _PROBE = ("1, 2, 3, 4, 5, 6, 7, 8,", " 9, 10, 11, 12, 13, 14, 15, 16")
     _PROBE_MIN_MEAN = -2.0
 
@@ -198,13 +205,13 @@ class OpenAIEngine:
             if got.tokens == 0 or got.mean_logprob < self._PROBE_MIN_MEAN:
                 self.capability_notes["score"] = (
                     f"its echoed prompt log-probs look misaligned (mean {got.mean_logprob:.2f} nats per token on a "
-                    f"counting sequence, expected > {self._PROBE_MIN_MEAN}); llama-cpp-python's server shifts them "
-                    f"by one token for models without BOS")
+                    f"counting sequence, expected > {self._PROBE_MIN_MEAN}), as llama-cpp-python's server (0.3.x) "
+                    f"gives them")
         except CapabilityError as exc:
             self.capability_notes["score"] = getattr(exc, "detail", str(exc))
         except ServerError as exc:
-            if exc.status is None or exc.retryable:  # unreachable or failing: say so now
-                raise
+            if exc.status is None or exc.retryable or exc.status in (401, 403):  # unreachable, failing, or the
+                raise  # key is refused: say so now
             self.capability_notes["score"] = f"/completions with echo=True and logprobs was refused ({exc})"
         score = "score" not in self.capability_notes
         return frozenset({"generate", "next_token"} | ({"score"} if score else set()))
@@ -279,9 +286,17 @@ class OpenAIEngine:
                 finally:
                     resp.close()
             except requests.exceptions.ConnectionError as exc:
-                reason = "timed out" if isinstance(exc, requests.exceptions.ConnectTimeout) else "connection failed"
+                text = str(exc).lower()
+                if "read timed out" in text:  # the body stopped coming (stream=True reports it this way)
+                    last = ServerError(f"the server at {shown} did not answer within {self.timeout:g} s",
+                                       retryable=True)
+                    continue
+                reason = ("timed out" if isinstance(exc, requests.exceptions.ConnectTimeout) else
+                          "connection refused" if "refused" in text else
+                          "name not resolved" if "resolve" in text or "name or service" in text else
+                          "connection failed")
                 last = ServerError(f"cannot reach the OpenAI-compatible server at {shown} ({reason}: "
-                                   f"{self._redact(type(exc).__name__)})", retryable=True)
+                                   f"{type(exc).__name__})", retryable=True)
                 continue
             except requests.exceptions.Timeout:
                 last = ServerError(f"the server at {shown} did not answer within {self.timeout:g} s", retryable=True)
@@ -336,11 +351,18 @@ class OpenAIEngine:
         """The body, read under a deadline (a server that drips bytes cannot hold us past the timeout)."""
         deadline = time.monotonic() + self.timeout
         chunks, size = [], 0
-        for chunk in resp.iter_content(chunk_size=65536):
+        # ``read1`` (urllib3 2) returns what has arrived; ``iter_content`` would wait for a whole chunk.
+        read1 = getattr(resp.raw, "read1", None)
+        if read1 is not None:
+            stream = iter(lambda: read1(65536, decode_content=True), b"")
+        else:  # pragma: no cover - urllib3 1.x
+            stream = resp.iter_content(chunk_size=1024)
+        for chunk in stream:
             chunks.append(chunk)
             size += len(chunk)
             if size > _MAX_BODY:
-                raise ServerError(f"the server at {shown} sent more than {_MAX_BODY >> 20} MiB", status=resp.status_code)
+                raise ServerError(f"the server at {shown} sent more than {_MAX_BODY >> 20} MiB",
+                                  status=resp.status_code)
             if time.monotonic() > deadline:
                 raise ServerError(f"the server at {shown} did not finish its answer within {self.timeout:g} s",
                                   retryable=True)
@@ -433,7 +455,7 @@ class OpenAIEngine:
                 if self.stop_strings and not isinstance(p, str):
                     payload["stop"] = list(self.stop_strings)
             data = self._post("/chat/completions" if chat else "/completions", payload)
-            choice = self._choice(data, self.base_url)
+            choice = self._choice(data, _display_url(self.base_url))
             if chat:
                 message = choice.get("message") or {}
                 text = message.get("content") if isinstance(message, dict) else None
@@ -452,7 +474,12 @@ class OpenAIEngine:
         return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def next_token_logprobs(self, contexts: Sequence[PromptInput], candidates: Sequence[str]) -> list[dict[str, float]]:
-        """log p(first token of each candidate | context), read from the server's top log-probs."""
+        """log p(first token of each candidate | context), read from the server's top log-probs.
+
+        A server that gives no log-probs (or ``logprobs=False``) gets the answer parsed from generated text
+        instead: the label found gets 0.0, the others ``-inf``; with no label found every candidate gets
+        ``-inf`` (a judge abstains), counted in ``stats["unparsed_answers"]``.
+        """
         candidates = list(candidates)
         if not candidates or any(not isinstance(c, str) or not c for c in candidates):
             raise AlignEnvError(f"candidates must be non-empty strings, got {candidates!r}")
@@ -462,7 +489,9 @@ class OpenAIEngine:
         loose = all(stripped) and len(set(stripped)) == len(stripped)
 
         def one(ctx) -> dict[str, float]:
-            tops = self._top_logprobs(ctx)
+            tops = None if self._text_answers else self._top_logprobs(ctx)
+            if tops is None:  # the server gives no log-probs: read the answer from generated text
+                return self._parsed_answer(ctx, candidates)
             out = {}
             for cand, bare in zip(candidates, stripped):
                 hits = [lp for tok, lp in tops.items() if tok == cand or (loose and tok.strip() == bare)]
@@ -471,8 +500,19 @@ class OpenAIEngine:
 
         return self._map(one, list(contexts))
 
-    def _top_logprobs(self, ctx: PromptInput) -> dict[str, float]:
-        """{token text: log-prob} of the next token's top alternatives (sampled token included)."""
+    def _parsed_answer(self, ctx: PromptInput, candidates: list[str]) -> dict[str, float]:
+        (gen,) = self.generate([ctx], temperature=0.0, max_new_tokens=self.answer_tokens)
+        label = parse_label(gen[0].text, candidates)
+        with self._lock:
+            self.stats["parsed_answers" if label is not None else "unparsed_answers"] += 1
+        return {c: 0.0 if c == label else float("-inf") for c in candidates}
+
+    def _top_logprobs(self, ctx: PromptInput) -> dict[str, float] | None:
+        """{token text: log-prob} of the next token's top alternatives (sampled token included).
+
+        None when the server answered with text but without log-probs (it does not serve them): from then on
+        answers are parsed from text.
+        """
         chat = self._uses_chat(ctx)
         payload = {"model": self.model, "max_tokens": 1, "temperature": 0.0}
         if chat:
@@ -483,7 +523,7 @@ class OpenAIEngine:
         shown = _display_url(self.base_url)
         choice = self._choice(self._post(path, payload), shown)
         tops = self._parse_tops(choice.get("logprobs"), chat, shown)
-        if tops is None and choice.get("finish_reason") == "stop":
+        if tops is None and choice.get("finish_reason") == "stop" and not _choice_text(choice, chat).strip():
             # The model ended at once (end-of-text) and the server then sent no log-probs (llama.cpp's Python
             # server does this): ask again for one real token. When that is refused too, no candidate is in
             # view: every candidate gets -inf and a judge abstains.
@@ -497,8 +537,11 @@ class OpenAIEngine:
             if tops is None:
                 return {}
         if tops is None:
-            raise self._need("next_token", f"the server returned no log-probs for {path} (logprobs="
-                                           f"{payload.get('logprobs')}, top_logprobs={payload.get('top_logprobs')})")
+            with self._lock:
+                self._text_answers = True
+                self.capability_notes["next_token"] = (
+                    f"the server returned no log-probs for {path}: judge answers are parsed from generated text "
+                    f"(hard 0/1 verdicts)")
         return tops
 
     @staticmethod
@@ -591,6 +634,29 @@ class OpenAIEngine:
         prompt_tokens = usage.get("prompt_tokens")
         n_ctx = (prompt_tokens if isinstance(prompt_tokens, int) else end) - (end - start)
         return ContinuationScore(sum(lps), len(lps), tuple(lps), max(0, n_ctx), False)
+
+
+def _choice_text(choice: dict, chat: bool) -> str:
+    text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
+    return text if isinstance(text, str) else ""
+
+
+def parse_label(text: str, candidates: Sequence[str]) -> str | None:
+    """The candidate label a judge's free-text answer names, or None (then it abstains).
+
+    The answer's first word when it is a label standing alone (``"B"``, ``"B."``, ``"(A) because..."``; not
+    the article in ``"A good answer"``), else a label named as ``Response B`` / ``Answer: A`` / ``Output (B)``;
+    labels are matched without surrounding whitespace.
+    """
+    bare = {c.strip(): c for c in candidates if c.strip()}
+    if not bare:
+        return None
+    alt = "|".join(re.escape(b) for b in sorted(bare, key=len, reverse=True))
+    head = re.match(rf"\s*[\(\[\*\"']*({alt})(?=$|[^\w\s]|\s*\n)", text or "")
+    if head:
+        return bare[head.group(1)]
+    named = re.search(rf"(?i:response|answer|output|option|assistant)\s*[:\(\[\*]*\s*({alt})(?![\w])", text or "")
+    return bare[named.group(1)] if named else None
 
 
 def continuation_start(texts: Sequence[str], end: int, cont: str) -> int | None:
