@@ -169,7 +169,7 @@ def markdown_table(results: list[AnnotatorResult]) -> str:
 
 
 def plot(results: list[AnnotatorResult], path: Path) -> None:
-    """Accuracy against annotator size (parameters) per family, one panel per track."""
+    """Accuracy against annotator size (parameters), one line per family and options, one panel per track."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,22 +179,17 @@ def plot(results: list[AnnotatorResult], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tracks), figsize=(5 * len(tracks), 4), squeeze=False, sharey=True)
     for ax, track in zip(axes[0], tracks):
         rows = [r for r in results if r.track == track]
-        families = sorted({r.family for r in rows})
-        for fam in families:
-            pts = sorted((r for r in rows if r.family == fam), key=lambda r: r.params)
-            sized = [r for r in pts if r.params]
-            if sized:
-                x = [r.params for r in sized]
-                y = [r.accuracy for r in sized]
-                err = [[r.accuracy - r.ci_low for r in sized], [r.ci_high - r.accuracy for r in sized]]
-                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=fam)
-                if len({r.annotator for r in sized}) > len(x) - 0:
-                    for r in sized:
-                        ax.annotate(r.annotator.split(":")[-1][:22], (r.params, r.accuracy), fontsize=6,
-                                    xytext=(3, 3), textcoords="offset points")
-            for r in pts:
-                if not r.params:
-                    ax.axhline(r.accuracy, linestyle="--", linewidth=1, label=f"{r.annotator} (no model)")
+        # one line per annotator kind (the spec without its model: family and options), across model sizes
+        kinds = sorted({r.annotator.split(":", 1)[-1] for r in rows if r.params})
+        for kind in kinds:
+            sized = sorted((r for r in rows if r.params and r.annotator.split(":", 1)[-1] == kind),
+                           key=lambda r: r.params)
+            err = [[r.accuracy - r.ci_low for r in sized], [r.ci_high - r.accuracy for r in sized]]
+            ax.errorbar([r.params for r in sized], [r.accuracy for r in sized], yerr=err, marker="o", capsize=3,
+                        label=kind[:40])
+        for r in rows:
+            if not r.params:
+                ax.axhline(r.accuracy, linestyle="--", linewidth=1, label=f"{r.annotator} (no model)")
         ax.axhline(0.5, color="grey", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_title(track)

@@ -63,3 +63,17 @@ def test_bootstrap_is_seeded_and_covers_the_mean():
     assert bootstrap_ci(x, seed=1) == bootstrap_ci(x, seed=1)
     lo, hi = bootstrap_ci(x, seed=1)
     assert lo < np.mean(x) < hi and hi - lo < 0.4
+
+
+def test_recommended_annotators_are_the_best_in_the_committed_table():
+    """RECOMMENDED_ANNOTATORS is read off leaderboards/annotators: it must stay the best (ties allowed)."""
+    from pathlib import Path
+
+    from align_env.feedback import RECOMMENDED_ANNOTATORS
+
+    rows = json.loads((Path(__file__).parents[1] / "leaderboards/annotators/annotators.json").read_text())
+    for track, spec in RECOMMENDED_ANNOTATORS.items():
+        scores = {r["annotator"]: r["accuracy"] for r in rows if r["track"] == f"{track}-v0"}
+        assert spec in scores, f"{spec} was not evaluated on {track}"
+        assert scores[spec] == max(scores.values()), (track, spec, scores)
+        assert scores[spec] > scores.get("smollm2-135m:llm_judge", 0.0)  # beats the prompted judge of the embedded policy

@@ -58,6 +58,7 @@ class LikelihoodScorer:
             cond = self.engine.score(ctx_cond, posts)
             base = self.engine.score(ctx_base, posts)
             vals = [(c.logprob - b.logprob) / max(1, c.tokens) for c, b in zip(cond, base)]
+            self._meter.cost.tokens_in += sum(c.context_tokens + c.tokens for c in cond)  # as pmi: the scored pass
         else:
             cond = self.engine.score([i.messages for i in its], rs)
             if self.mode == "mean_logprob":
