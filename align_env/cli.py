@@ -123,6 +123,13 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_curves(args) -> int:
+    from benchmarks.curves import DEFAULT_METRICS, report
+
+    print(report(args.run_dir, args.metrics or DEFAULT_METRICS, args.windows, png=not args.no_plot))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align-env", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -175,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue an unfinished run in the folder")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
+
+    curves = sub.add_parser("curves", help="a run's learning curves: windowed means of its metrics, and a plot")
+    curves.add_argument("run_dir", help="a run folder of `align-env run`")
+    curves.add_argument("--metrics", nargs="+", default=None, help="metrics to show (default: the main ones)")
+    curves.add_argument("--windows", type=int, default=4, help="consecutive windows of steps to average")
+    curves.add_argument("--no-plot", action="store_true", help="do not write curves.png into the run folder")
+    curves.set_defaults(func=_cmd_curves)
     return parser
 
 

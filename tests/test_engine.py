@@ -31,6 +31,15 @@ def test_left_padded_batch_matches_one_by_one_greedy(tiny_engine):
     assert batched == single
 
 
+def test_n_samples_share_one_prefill_and_match_single_greedy(tiny_engine):
+    # n > 1 runs each prompt once and repeats its cache; greedy samples must equal the n == 1 answer.
+    prompts = [MSG, [{"role": "user", "content": "Hi"}], [{"role": "user", "content": "A much longer request " * 5}]]
+    single = [g[0].text for g in tiny_engine.generate(prompts, temperature=0, max_new_tokens=10)]
+    shared = tiny_engine.generate(prompts, n=3, temperature=0, max_new_tokens=10)
+    assert [[g.text for g in gens] for gens in shared] == [[s] * 3 for s in single]
+    assert all(g.prompt_tokens == gens[0].prompt_tokens for gens in shared for g in gens)
+
+
 def test_score_matches_a_direct_forward_pass(tiny_engine):
     ctx, cont = "User: hello there\nAssistant:", " general kenobi"
     (s,) = tiny_engine.score([ctx], [cont])

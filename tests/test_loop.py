@@ -355,3 +355,22 @@ def test_annotator_calls_the_agent_makes_itself_count_toward_the_budget(tiny_lm_
     records = run_log.read(tmp_path / "bon" / "metrics.jsonl")
     assert [r["annotator_calls"] for r in records] == [4, 8, 12]
     assert "agent_annotator_calls" not in records[0]
+
+
+def test_curves_average_windows_of_a_real_metrics_log(tmp_path, capsys):
+    from align_env.cli import main
+    from benchmarks import curves, run_log
+
+    with run_log.MetricsLog(tmp_path / run_log.METRICS_FILE) as log:
+        for step in range(1, 11):
+            log.append({"step": step, "reward_margin": float(step), "loss": 1.0 / step,
+                        "response_length": None if step == 3 else 10.0})
+    rows = {r["metric"]: r for r in curves.table(curves.load(tmp_path), windows=2)}
+    assert rows["reward_margin"]["windows"] == [3.0, 8.0] and rows["reward_margin"]["change"] == 5.0
+    assert rows["response_length"]["windows"] == [10.0, 10.0]  # a missing value is skipped, not zero
+    assert "implicit_kl" not in rows
+    assert main(["curves", str(tmp_path), "--windows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "steps 1-5" in out and "+5" in out and (tmp_path / "curves.png").stat().st_size > 1000
+    assert main(["curves", str(tmp_path / "nope")]) == 2
+    assert "metrics.jsonl" in capsys.readouterr().err
