@@ -87,7 +87,7 @@ def test_score_agrees_with_next_token_and_with_itself(engine):
     sa, sb = engine.score([MSG, ctx], ["A", "B"])
     # The context is cached by now, so only its last token is evaluated again, alone. llama.cpp's CPU kernels
     # can differ between a 1-token and a many-token evaluation: on some CPUs the results are equal to 1e-4,
-    # on others (seen: AMD EPYC, AVX-512) they differ by up to 0.07 nats. The ranking must not change.
+    # on others (seen: AMD EPYC with AVX2, no AVX-512) they differ by up to 0.07 nats. The ranking must not change.
     assert sa.tokens == 1 and sa.logprob == pytest.approx(nt["A"], abs=0.1)
     assert sb.logprob == pytest.approx(nt["B"], abs=0.1) and sa.logprob > sb.logprob
     assert sa.context_tokens == len(engine.encode(ctx))
