@@ -28,15 +28,19 @@ def load(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def windowed(records: list[dict[str, Any]], metric: str, windows: int) -> list[float]:
-    """Mean of ``metric`` over ``windows`` consecutive, near-equal runs of steps (missing values skipped)."""
+def window_bounds(n: int, windows: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` record ranges of ``windows`` consecutive, near-equal runs of ``n`` steps (at most ``n``)."""
     if windows < 1:
         raise AlignEnvError(f"windows must be >= 1, got {windows}")
-    n = len(records)
     windows = min(windows, n)
     bounds = [round(i * n / windows) for i in range(windows + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+def windowed(records: list[dict[str, Any]], metric: str, windows: int) -> list[float]:
+    """Mean of ``metric`` over each of :func:`window_bounds` (missing and non-finite values skipped)."""
     out = []
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in window_bounds(len(records), windows):
         values = [r[metric] for r in records[lo:hi] if isinstance(r.get(metric), (int, float))
                   and math.isfinite(r[metric])]
         out.append(sum(values) / len(values) if values else math.nan)
@@ -83,10 +87,8 @@ def _nanmean(values: list[float]) -> float:
 
 def report(run_dir: str | Path, metrics=DEFAULT_METRICS, windows: int = 4, png: bool = True) -> str:
     records = load(run_dir)
+    heads = [f"steps {lo + 1}-{hi}" for lo, hi in window_bounds(len(records), windows)]
     rows = table(records, metrics, windows)
-    n = len(records)
-    bounds = [round(i * n / min(windows, n)) for i in range(min(windows, n) + 1)]
-    heads = [f"steps {lo + 1}-{hi}" for lo, hi in zip(bounds, bounds[1:])]
     lines = [f"{'metric':<18}" + "".join(f"{h:>14}" for h in heads) + f"{'change':>12}"]
     for row in rows:
         lines.append(f"{row['metric']:<18}" + "".join(f"{v:>14.4g}" for v in row["windows"])

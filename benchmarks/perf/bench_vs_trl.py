@@ -1,6 +1,7 @@
 """Online DPO here vs TRL's online DPO trainer, side by side on this machine: samples/s and the ratio.
 
-Both sides run the same step: 8 prompts of the summarize track x 2 samples, at most 64 new tokens,
+Both sides run the same kind of step: 8 prompts of the summarize track's train split x 2 samples (each side
+draws its prompts in its own seeded order, so the prompts are not the same ones), at most 64 new tokens,
 temperature 0.9, DPO loss (beta 0.1), lr 5e-7, the embedded SmolLM2-135M-Instruct, annotated by the same
 deterministic ``rules`` annotator (as a pairwise verdict here, as a scalar reward for TRL; it costs
 microseconds, so the comparison is of the training step). A step is sampling + reference log-probs +
