@@ -170,8 +170,22 @@ class BestOfN:
         """The annotator's pick among ``n`` samples, one per prompt."""
         return self._select(observations)
 
-    def respond(self, observations: dict[str, tuple], *, seed: int = 0) -> list[str]:
-        """Same selection as act, for evaluation: seeded by ``seed``, leaves the agent's RNG and counts alone."""
+    def respond(self, observations: dict[str, tuple], *, seed: int = 0, temperature: float | None = None,
+                top_p: float | None = None, max_new_tokens: int | None = None) -> list[str]:
+        """Same selection as act, for evaluation: seeded by ``seed``, leaves the agent's RNG and counts alone.
+
+        The candidates are always sampled with the config's temperature and top-p (n greedy candidates would be
+        n copies of one answer): the selection is this agent's decoding. ``max_new_tokens`` caps each candidate.
+        """
+        del temperature, top_p
+        if max_new_tokens is not None and max_new_tokens != self.config.max_new_tokens:
+            import dataclasses
+
+            saved_config, self.config = self.config, dataclasses.replace(self.config, max_new_tokens=max_new_tokens)
+            try:
+                return self.respond(observations, seed=seed)
+            finally:
+                self.config = saved_config
         saved_rng, saved_counts = self.rng, (dict(self._counts), list(self._lengths), self._tokens, self._seconds)
         self.rng = np.random.default_rng(seed)
         try:
@@ -184,7 +198,7 @@ class BestOfN:
         """No training: reports the selection's annotator calls and abstentions, and the chosen answers' length."""
         metrics = dict(self._counts)
         if self._lengths:
-            metrics |= {"response_length": float(np.mean(self._lengths)),
+            metrics |= {"response_length": float(np.mean(self._lengths)), "generated_tokens": float(self._tokens),
                         "tokens_per_second": self._tokens / max(self._seconds, 1e-9)}
         self._reset_counts()
         return metrics

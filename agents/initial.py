@@ -54,12 +54,15 @@ class InitialPolicy:
         self._lengths: list[int] = []
         self._tokens, self._seconds = 0, 0.0
 
-    def _generate(self, observations: dict, n: int, seed: int) -> list[list]:
+    def _generate(self, observations: dict, n: int, seed: int, temperature: float | None = None,
+                  top_p: float | None = None, max_new_tokens: int | None = None) -> list[list]:
         from agents.policy import autocast
 
         with autocast(self.config.bf16):
-            return self.engine.generate(list(observations["messages"]), n=n, temperature=self.config.temperature,
-                                        top_p=self.config.top_p, max_new_tokens=self.config.max_new_tokens, seed=seed)
+            return self.engine.generate(list(observations["messages"]), n=n,
+                                        temperature=self.config.temperature if temperature is None else temperature,
+                                        top_p=self.config.top_p if top_p is None else top_p,
+                                        max_new_tokens=max_new_tokens or self.config.max_new_tokens, seed=seed)
 
     def _sample(self, observations: dict, n: int) -> list[list]:
         start = time.perf_counter()
@@ -76,15 +79,17 @@ class InitialPolicy:
         gens = self._sample(observations, 2)
         return [g[0].text for g in gens], [g[1].text for g in gens]
 
-    def respond(self, observations: dict, *, seed: int = 0) -> list[str]:
-        """One answer per prompt (what an evaluation compares); leaves the agent's RNG alone."""
-        return [g[0].text for g in self._generate(observations, 1, seed)]
+    def respond(self, observations: dict, *, seed: int = 0, temperature: float | None = None,
+                top_p: float | None = None, max_new_tokens: int | None = None) -> list[str]:
+        """One answer per prompt (what an evaluation compares; ``temperature=0`` is greedy, None keeps the
+        config's); leaves the agent's RNG alone."""
+        return [g[0].text for g in self._generate(observations, 1, seed, temperature, top_p, max_new_tokens)]
 
     def update(self, transitions: Transitions) -> dict[str, float]:
         """No training. Reports the mean length (tokens) and speed of the samples since the last update."""
         metrics = {}
         if self._lengths:
-            metrics = {"response_length": float(np.mean(self._lengths)),
+            metrics = {"response_length": float(np.mean(self._lengths)), "generated_tokens": float(self._tokens),
                        "tokens_per_second": self._tokens / max(self._seconds, 1e-9)}
         self._lengths, self._tokens, self._seconds = [], 0, 0.0
         return metrics

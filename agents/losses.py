@@ -1,4 +1,4 @@
-"""Direct-alignment losses on summed response log-probabilities (shared/reference/ALGORITHMS.md, section 1).
+"""Direct-alignment losses on summed response log-probabilities (``docs/algorithms.md``, section 1).
 
 Every loss takes the policy's and the reference's log-probabilities of the chosen (y+) and rejected (y-)
 responses, each summed over response tokens only, and returns ``(losses, chosen_rewards,

@@ -25,17 +25,24 @@ from typing import Any
 
 import numpy as np
 
-from agents.online_dpo import OnlineDPOConfig, PairTrainer, make_policy, with_length_control
+from agents.pair_trainer import PairTrainer, PairTrainingConfig, make_policy
 from agents.protocol import Transitions, load_meta, rng_state, save_meta, set_rng_state
 from align_env.errors import AlignEnvError, did_you_mean
+from align_env.feedback import with_length_control
 
 PAIR_SOURCES = ("track", "annotator")
 
 
 @dataclass
-class OfflineDPOConfig(OnlineDPOConfig):
-    """The online-DPO settings plus where the fixed preference set comes from."""
+class OfflineDPOConfig(PairTrainingConfig):
+    """The shared pair-training settings, how its (logged, untrained) samples are drawn, and where the fixed
+    preference set comes from."""
 
+    temperature: float = field(default=0.9, metadata={
+        "help": "sampling temperature of act()'s samples and of the up-front labelled pairs (as online-dpo)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
+    length_control: str = field(default="", metadata={
+        "help": "instruction appended to the annotator's prompt (as online-dpo's length_control)"})
     pairs: str = field(default="track", metadata={
         "help": "'track': the track's labelled pairs; 'annotator': pairs of initial-policy samples labelled once "
                 "up front by the run's annotator (the OAIF offline baseline)"})
@@ -44,6 +51,7 @@ class OfflineDPOConfig(OnlineDPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.require({"temperature > 0": self.temperature > 0, "0 < top_p <= 1": 0 < self.top_p <= 1})
         if self.pairs not in PAIR_SOURCES:
             raise did_you_mean("offline pair source", self.pairs, PAIR_SOURCES)
         if self.num_pairs < 1:
@@ -141,10 +149,14 @@ class OfflineDPO:
         self._last = ([x.tokens for g in gens for x in g], time.perf_counter() - start)
         return [g[0].text for g in gens], [g[1].text for g in gens]
 
-    def respond(self, observations: dict[str, tuple], *, seed: int = 0) -> list[str]:
-        """One answer per prompt from the current policy (for evaluation; leaves the agent's RNG alone)."""
-        gens = self.policy.sample(list(observations["messages"]), n=1, temperature=self.config.temperature,
-                                  top_p=self.config.top_p, seed=seed)
+    def respond(self, observations: dict[str, tuple], *, seed: int = 0, temperature: float | None = None,
+                top_p: float | None = None, max_new_tokens: int | None = None) -> list[str]:
+        """One answer per prompt from the current policy, for evaluation (``temperature=0`` is greedy; None keeps
+        the training settings). Leaves the agent's RNG alone."""
+        gens = self.policy.sample(list(observations["messages"]), n=1,
+                                  temperature=self.config.temperature if temperature is None else temperature,
+                                  top_p=self.config.top_p if top_p is None else top_p,
+                                  max_new_tokens=max_new_tokens, seed=seed)
         return [g[0].text for g in gens]
 
     def update(self, transitions: Transitions) -> dict[str, float]:
@@ -164,6 +176,7 @@ class OfflineDPO:
             "pairs_used": float(len(batch)),
             "abstained": float(np.isnan(prefs).sum()),
             "response_length": float(np.mean(lengths)),
+            "generated_tokens": float(sum(lengths)),
             "tokens_per_second": sum(lengths) / max(seconds, 1e-9),
             "epochs": float(self.epochs),
             "set_size": float(len(self.data)),

@@ -16,8 +16,9 @@ Optional, offered by the built-in agents (look them up with ``getattr``):
 
 * ``annotator_spec``: the annotator spec the environment should judge with (the one given to
   ``make_agent``, with the agent's length-control instruction added where it has one);
-* ``respond(observations, *, seed=0) -> list[str]``: one answer per prompt, for evaluation; it leaves the
-  agent's training RNG alone.
+* ``respond(observations, *, seed=0, temperature=None, top_p=None, max_new_tokens=None) -> list[str]``: one
+  answer per prompt, for evaluation (``align-env eval`` asks for ``temperature=0``, greedy; ``None`` keeps the
+  agent's own settings); it leaves the agent's training RNG alone.
 
 Checkpoints of the built-in agents carry ``agent.json`` (:func:`save_meta`): the agent's name, its config and
 its JSON-able state; loading a checkpoint of another agent or model is an error that says so.
@@ -44,6 +45,8 @@ METRIC_NAMES = (
     "pairs_used",  # preference pairs that entered the update
     "abstained",  # pairs dropped because the annotator abstained
     "tokens_per_second",  # generated tokens per second of sampling
+    "generated_tokens",  # tokens the agent sampled in this step (all samples, all prompts)
+    "trained_tokens",  # tokens run through the policy with gradient in this step (prompt + responses)
 )
 
 

@@ -112,6 +112,18 @@ class Counters:
     annotator_seconds: float = 0.0
     abstentions: int = 0
     elapsed_seconds: float = 0.0
+    generated_tokens: int = 0  # tokens the agent sampled (its ``generated_tokens`` metric)
+    trained_tokens: int = 0  # tokens run through the policy with gradient (its ``trained_tokens`` metric)
+    peak_rss_mb: float = 0.0  # the largest resident memory of the training processes (a resumed run: the max of all)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (``ru_maxrss`` is in KB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
 # -- global RNG state --------------------------------------------------------------------------------
@@ -291,6 +303,11 @@ def _count(counters: Counters, cost: Any, metrics: dict[str, float], abstained: 
     counters.annotator_seconds += float(cost.seconds)
     counters.abstentions += int(abstained.sum())
     counters.elapsed_seconds += wall
+    for key in ("generated_tokens", "trained_tokens"):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            setattr(counters, key, getattr(counters, key) + int(value))
+    counters.peak_rss_mb = max(counters.peak_rss_mb, peak_rss_mb())
 
 
 def _progress(total: int | None, initial: int, enabled: bool):

@@ -30,7 +30,7 @@ from benchmarks.loop import train
 from benchmarks.runner import run_one
 
 STEPS, NUM_ENVS, EVERY = 6, 2, 2
-TIMING = ("seconds", "per_second")  # measured times: the only metrics allowed to differ between runs
+TIMING = ("seconds", "per_second", "rss_mb")  # measured times and memory: the only metrics allowed to differ
 
 
 def dpo_args(tiny_lm_dir: str) -> dict:
@@ -165,11 +165,12 @@ def test_metrics_log_has_one_record_per_step_with_the_loop_and_agent_keys(refere
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     loop_keys = {"step", "prompts_seen", "annotator_calls", "annotator_tokens_in", "annotator_tokens_out",
                  "annotator_seconds", "abstentions", "abstentions_step", "reward_mean", "wall_seconds",
-                 "elapsed_seconds"}
+                 "elapsed_seconds", "generated_tokens", "trained_tokens", "peak_rss_mb"}
     agent_keys = {"response_length", "pairs_used", "abstained", "ties"}
     loss_keys = {"loss", "reward_margin", "implicit_kl"}  # only when some pair was not a tie
     for r in records:
         assert loop_keys | agent_keys <= r.keys()
+        assert r["peak_rss_mb"] > 0 and r["generated_tokens"] > 0
         assert (r["pairs_used"] > 0) == (loss_keys <= r.keys())
         assert r["prompts_seen"] == NUM_ENVS * r["step"]
         assert r["annotator_calls"] == NUM_ENVS * r["step"]  # rules: one judgement per pair

@@ -16,7 +16,8 @@ from align_env.feedback.base import Annotator, FeedbackCost, validate_verdicts
 from align_env.feedback.spec import AnnotatorSpec, parse_spec
 
 __all__ = ["Annotator", "AnnotatorSpec", "FeedbackCost", "FAMILIES", "make_annotator", "parse_spec",
-           "families", "register_family", "validate_verdicts", "RECOMMENDED_ANNOTATORS"]
+           "families", "register_family", "validate_verdicts", "RECOMMENDED_ANNOTATORS",
+           "with_length_control"]
 
 FAMILIES: dict[str, str] = {
     "rules": "align_env.feedback.factories:rules",
@@ -97,3 +98,23 @@ def _with_cache(annotator, parsed: AnnotatorSpec):
         store = JudgementStore(mode)
     key_spec = str(AnnotatorSpec(parsed.family, parsed.model, {k: v for k, v in parsed.params.items() if k != "cache"}))
     return CachedAnnotator(annotator, store, key_spec)
+
+
+def with_length_control(annotator: Any, instruction: str) -> Any:
+    """The annotator spec with a length-control instruction added (returned unchanged when it is empty).
+
+    * ``llm_judge``: the instruction becomes the judge prompt's ``suffix`` (as in the OAIF experiment);
+    * ``rules``: it cannot read instructions; any instruction turns on its length preference (``prefer=short``);
+    * other families and annotator objects take no instruction: an error says so.
+    """
+    if not instruction:
+        return annotator
+    if not isinstance(annotator, (str, AnnotatorSpec)):
+        raise AlignEnvError("length_control needs an annotator spec string, not an annotator object")
+    spec = parse_spec(annotator) if isinstance(annotator, str) else annotator
+    if spec.family == "llm_judge":
+        return str(AnnotatorSpec(spec.family, spec.model, {**spec.params, "suffix": instruction}))
+    if spec.family == "rules":
+        return str(AnnotatorSpec(spec.family, spec.model, {**spec.params, "prefer": "short"}))
+    raise AlignEnvError(f"annotator family {spec.family!r} takes no length-control instruction; use llm_judge or rules")
+

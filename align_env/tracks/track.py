@@ -47,6 +47,21 @@ class PreferencePair:
     why: str = ""
 
 
+def pair_halves(pairs: tuple[PreferencePair, ...]) -> tuple[tuple[PreferencePair, ...], tuple[PreferencePair, ...]]:
+    """Split labelled pairs into a fixed selection half and a report half.
+
+    The pairs are ordered by the SHA-256 of their id and the first ``ceil(n / 2)`` form the selection half.
+    The rule depends on the ids alone, so a pair stays in its half whatever order the data comes in, on any
+    machine, and the split of a data set changes only where pairs are added or removed.
+    """
+    import hashlib
+
+    ranked = sorted(pairs, key=lambda p: (hashlib.sha256(p.id.encode("utf-8")).hexdigest(), p.id))
+    cut = (len(ranked) + 1) // 2
+    chosen = {id(p) for p in ranked[:cut]}
+    return tuple(p for p in pairs if id(p) in chosen), tuple(p for p in pairs if id(p) not in chosen)
+
+
 GoldCheck = Callable[[PromptItem, str], dict[str, float]]
 
 
@@ -78,6 +93,16 @@ class Track:
 
     def sizes(self) -> dict[str, int]:
         return {s: len(self.split(s)) for s in SPLITS}
+
+    @property
+    def selection_pairs(self) -> tuple[PreferencePair, ...]:
+        """The half of the labelled pairs on which annotators are chosen, tuned or fine-tuned (see :func:`pair_halves`)."""
+        return pair_halves(self.pairs)[0]
+
+    @property
+    def report_pairs(self) -> tuple[PreferencePair, ...]:
+        """The other half: the pairs accuracies are reported on. Nothing is chosen or trained on them."""
+        return pair_halves(self.pairs)[1]
 
     def gold_check(self, item: PromptItem, response: str) -> dict[str, float]:
         """Gold measures of one response (empty when the track has none)."""
