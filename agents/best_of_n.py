@@ -58,6 +58,7 @@ class BestOfN:
     """Best-of-n selection by the annotator (see the module docstring)."""
 
     name = "best-of-n"
+    trains = False  # evaluated by name (align-env eval); nothing to train
     Config = BestOfNConfig
     feedback = "scalar"
 

@@ -39,6 +39,7 @@ class InitialPolicy:
     """The untrained policy (see the module docstring)."""
 
     name = "initial"
+    trains = False  # evaluated by name (align-env eval); nothing to train
     Config = InitialConfig
 
     def __init__(self, config: InitialConfig, *, track: str, annotator=None, seed: int = 0):

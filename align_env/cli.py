@@ -123,6 +123,49 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from benchmarks.evaluation import evaluate, markdown
+
+    if args.out and Path(args.out).is_dir():
+        raise AlignEnvError(f"--out {args.out} is a folder; give a file name such as {Path(args.out) / 'eval.md'}")
+    ev = evaluate(args.policies, reference=args.reference, evaluator=args.evaluator, track=args.track,
+                  split=args.split, max_items=args.max_items, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, store=args.store, seed=args.seed)
+    table = markdown(ev)
+    print()
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table, encoding="utf-8")
+        (out.with_suffix(".json")).write_text(json.dumps(ev.as_dict(), indent=1, default=str), encoding="utf-8")
+        print(f"tables: {out} (and {out.with_suffix('.json')})")
+    print(f"store: {args.store}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer seed, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a seed must be >= 0, got {value}")
+    return value
+
+
 def _cmd_curves(args) -> int:
     from benchmarks.curves import DEFAULT_METRICS, report
 
@@ -182,6 +225,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue an unfinished run in the folder")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
+
+    ev = sub.add_parser("eval", help="did training help? win rates against a reference policy, LC win rate, "
+                        "Bradley-Terry ratings, gold checks and cost, kept in a results store")
+    ev.add_argument("policies", nargs="+", help="finished run folders, or untrained agents: 'initial', "
+                    "'best-of-n?n=4&judge=minilm-l6:embedding'")
+    ev.add_argument("--reference", default="initial", help="the policy every answer is compared with (default: the "
+                    "untrained initial policy; a run folder works too)")
+    ev.add_argument("--evaluator", default=None, help="annotator spec of the judge (default: the best measured "
+                    "annotator of the track that is not a training annotator of the policies)")
+    ev.add_argument("--track", default=None, help="needed when no run folder is given")
+    ev.add_argument("--split", default="eval", help="prompts to answer: eval (default) or train")
+    ev.add_argument("--max-items", type=_positive_int, default=None, help="the first N prompts of the split")
+    ev.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                    help="answer length cap (default: the runs' max_new_tokens)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="decoding temperature (default 0: greedy)")
+    ev.add_argument("--store", default="results.sqlite", help="the results store (SQLite file; created if absent)")
+    ev.add_argument("--seed", type=_seed, default=0, help="seeds the bootstrap and any sampled decoding")
+    ev.add_argument("--out", default=None, help="also write the tables to this Markdown file (and .json beside it)")
+    ev.set_defaults(func=_cmd_eval)
 
     curves = sub.add_parser("curves", help="a run's learning curves: windowed means of its metrics, and a plot")
     curves.add_argument("run_dir", help="a run folder of `align-env run`")
