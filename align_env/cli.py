@@ -70,22 +70,30 @@ DEFAULT_ANNOTATORS = [
     "rules",
     "minilm-l6:embedding",
     "smollm2-135m:likelihood?mode=pmi",
-    "smollm2-135m:likelihood?mode=mean_logprob",
     "smollm2-135m:llm_judge",
-    "gemma3-270m:likelihood?mode=pmi",
-    "gemma3-270m:llm_judge",
+    "smollm2-135m:llm_judge?calibrate=content_free",
 ]
 
 
 def _cmd_annotators(args) -> int:
     from pathlib import Path
 
-    from benchmarks.annotator_eval import markdown_table, run
+    from benchmarks.annotator_eval import markdown_table, recommend, run
 
     results = run(args.annotators, args.tracks, Path(args.out), source=args.source, seed=args.seed,
                   max_pairs=args.max_pairs)
     print()
     print(markdown_table(results))
+    for track, best in recommend(results).items():
+        print(f"{track}: chosen on the selection half: {best.annotator} (selection {best.selection_accuracy:.3f}); "
+              f"report half {best.report_accuracy:.3f} [{best.report_ci_low:.2f}, {best.report_ci_high:.2f}], "
+              f"n={best.report_pairs}")
+    if args.write_ranking:
+        from benchmarks.annotator_eval import collected, ranking_table
+
+        rows = collected(Path(args.out), (args.source, args.seed, args.max_pairs))
+        Path(args.write_ranking).write_text(json.dumps(ranking_table(rows), indent=1) + "\n", encoding="utf-8")
+        print(f"ranking of every result in {args.out}: {args.write_ranking}")
     print(f"results: {args.out}/annotators.csv, annotators.json, annotators.md, annotators.png")
     return 0
 
@@ -201,9 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("--annotators", nargs="+", default=DEFAULT_ANNOTATORS, help="annotator specs")
     ann.add_argument("--tracks", nargs="+", default=["summarize", "helpful", "harmless"])
     ann.add_argument("--source", default="embedded", choices=["embedded", "hub"])
-    ann.add_argument("--max-pairs", type=int, default=None)
-    ann.add_argument("--seed", type=int, default=0)
+    ann.add_argument("--max-pairs", type=_positive_int, default=None, help="the first N labelled pairs only")
+    ann.add_argument("--seed", type=_seed, default=0, help="seeds which pairs show the chosen response first")
     ann.add_argument("--out", default="annotator-eval", help="output folder (finished results are reused)")
+    ann.add_argument("--write-ranking", default=None, metavar="PATH", help="also write the per-track ranking "
+                     "(chosen on the selection half) of every result in --out, e.g. align_env/feedback/ranking.json")
     ann.set_defaults(func=_cmd_annotators)
 
     run = sub.add_parser("run", help="one training run: an agent on a track, judged by an annotator")

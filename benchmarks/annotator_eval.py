@@ -254,6 +254,14 @@ def recommend(results: list[AnnotatorResult]) -> dict[str, AnnotatorResult]:
     return {t: ranked[0] for t in tracks if (ranked := ranking(results, t))}
 
 
+def ranking_table(results: list[AnnotatorResult]) -> dict[str, list[dict]]:
+    """What ``align_env/feedback/ranking.json`` holds: per track, the non-oracle annotators best first."""
+    tracks = sorted({r.track.split("@")[0].rsplit("-v", 1)[0] for r in results})
+    keys = ("annotator", "params", "selection_accuracy", "report_accuracy", "report_ci_low", "report_ci_high",
+            "report_pairs", "seconds_per_judgement")
+    return {t: [{k: getattr(r, k) for k in keys} for r in ranking(results, t)] for t in tracks}
+
+
 def write_outputs(results: list[AnnotatorResult], out: Path) -> None:
     rows = [r.row() for r in results]
     with open(out / "annotators.csv", "w", newline="") as fh:

@@ -99,15 +99,21 @@ def test_bootstrap_is_seeded_and_covers_the_mean():
     assert lo < np.mean(x) < hi and hi - lo < 0.4
 
 
-def test_recommended_annotators_are_the_best_in_the_committed_table():
-    """RECOMMENDED_ANNOTATORS is read off leaderboards/annotators: it must stay the best (ties allowed)."""
+def test_the_packaged_ranking_is_the_committed_evaluation_chosen_on_the_selection_half():
+    """align_env/feedback/ranking.json (the default evaluators, RECOMMENDED_ANNOTATORS) is read off the committed
+    results in leaderboards/annotators: it must stay equal to them, ranked on the selection half."""
     from pathlib import Path
 
     from align_env.feedback import RECOMMENDED_ANNOTATORS
+    from align_env.feedback.ranking import RANKING
 
-    rows = json.loads((Path(__file__).parents[1] / "leaderboards/annotators/annotators.json").read_text())
-    for track, spec in RECOMMENDED_ANNOTATORS.items():
-        scores = {r["annotator"]: r["accuracy"] for r in rows if r["track"] == f"{track}-v0"}
-        assert spec in scores, f"{spec} was not evaluated on {track}"
-        assert scores[spec] == max(scores.values()), (track, spec, scores)
-        assert scores[spec] > scores.get("smollm2-135m:llm_judge", 0.0)  # beats the prompted judge of the embedded policy
+    folder = Path(__file__).parents[1] / "leaderboards/annotators"
+    results = annotator_eval.collected(folder, ("embedded", 0, None))
+    assert {r.track for r in results} == {"summarize-v0", "helpful-v0", "harmless-v0"}
+    assert all(r.pairs == 60 for r in results)
+    assert RANKING == json.loads(json.dumps(annotator_eval.ranking_table(results)))
+    for track, rows in RANKING.items():
+        assert RECOMMENDED_ANNOTATORS[track] == rows[0]["annotator"]
+        assert not annotator_eval.reads_labels(rows[0]["annotator"])
+        accs = [r["selection_accuracy"] for r in rows]
+        assert accs == sorted(accs, reverse=True)

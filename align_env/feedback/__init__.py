@@ -32,15 +32,15 @@ MODEL_FREE = {"rules", "pool", "self"}
 NEEDS_MODEL = {"llm_judge", "likelihood", "embedding", "reward_model"}  # third-party families decide themselves
 CACHE_MODES = ("memory", "disk", "off")
 
-# The embedded annotator that agreed most with each track's labelled pairs in the committed evaluation
-# (leaderboards/annotators/annotators.md: 40 pairs per track, embedded models only; a test keeps this in step
-# with the table). Prompted judges of this size are position-locked (consistency 0.00) and lose to
-# likelihood and embedding scores of the same or smaller models; on harmlessness only the rules carry signal.
-RECOMMENDED_ANNOTATORS: dict[str, str] = {
-    "summarize": "minilm-l6:embedding",  # 0.750 (gemma3-270m:llm_judge ties at 0.750, 20x slower)
-    "helpful": "smollm2-135m:likelihood?mode=pmi",  # 0.600; its prompted judge 0.500
-    "harmless": "rules",  # 0.925; every model annotator <= 0.650
-}
+# The annotator chosen per track on the selection half of the labelled pairs in the committed evaluation
+# (leaderboards/annotators/; align_env/feedback/ranking.json holds the whole ranking with report-half accuracies).
+def _recommended() -> dict[str, str]:
+    from align_env.feedback.ranking import RANKING
+
+    return {track: rows[0]["annotator"] for track, rows in RANKING.items() if rows}
+
+
+RECOMMENDED_ANNOTATORS: dict[str, str] = _recommended()
 
 
 def register_family(name: str, target: str) -> None:
