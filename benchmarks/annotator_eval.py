@@ -78,6 +78,7 @@ class AnnotatorResult:
     seed: int = 0
     max_pairs: int | None = None
     format: int = RESULT_FORMAT
+    derived_from: str = ""  # the measured spec whose per-pair probabilities gave this result (see derive_uncalibrated)
     details: list = field(default_factory=list, repr=False)  # per pair: id, half, swapped, verdict, judge details
 
     def settings(self) -> tuple:
@@ -192,6 +193,55 @@ def evaluate(spec: str, track_name: str, *, source: str = "embedded", seed: int 
     )
 
 
+def uncalibrated_spec(spec: str) -> str | None:
+    """The same judge without ``calibrate=content_free``, or None when ``spec`` is not a calibrated llm_judge."""
+    head, _, query = spec.partition("?")
+    parts = [q for q in query.split("&") if q]
+    if parse_spec(spec).family != "llm_judge" or "calibrate=content_free" not in parts:
+        return None
+    rest = [q for q in parts if q != "calibrate=content_free"]
+    return head + ("?" + "&".join(rest) if rest else "")
+
+
+def derive_uncalibrated(res: AnnotatorResult) -> AnnotatorResult | None:
+    """The uncalibrated judge's result, computed from a calibrated judge's stored per-order probabilities.
+
+    Both judges make the same two forward passes per pair (one per order) and differ only in how they combine
+    them: the plain judge averages the probabilities, P = (p_AB + 1 - p_BA) / 2, the calibrated one the log-odds.
+    So the plain judge's verdicts follow exactly from the calibrated run's ``p_ab``/``p_ba`` (a test checks this
+    against a measured run); the ladder uses it for the largest model instead of running the judge twice. The
+    cost columns are the calibrated run's (plus its few content-free queries). ``derived_from`` names the source.
+    """
+    spec = uncalibrated_spec(res.annotator)
+    rows = res.details
+    if spec is None or not rows or any(r["judge"].get("p_ab") is None and r["verdict"] is not None for r in rows):
+        return None
+    verdicts = []
+    for r in rows:
+        j = r["judge"]
+        ok = j.get("p_ab") is not None and j.get("p_ba") is not None
+        verdicts.append((j["p_ab"] + 1.0 - j["p_ba"]) / 2.0 if ok else None)
+    new_rows = [r | {"verdict": v, "judge": {k: val for k, val in r["judge"].items() if k != "prior"} | {"prior": None}}
+                for r, v in zip(rows, verdicts)]
+    correct = [_correct(v, r["swapped"]) for v, r in zip(verdicts, rows)]
+    halves = {h: [c for c, r in zip(correct, rows) if r["half"] == h] for h in ("selection", "report")}
+    acc, sel, rep = (_accuracy(correct, res.seed), _accuracy(halves["selection"], res.seed),
+                     _accuracy(halves["report"], res.seed))
+    prior, calibrated, single = _calibration(new_rows, res.seed)
+    # P(prefers longer) needs the response lengths: flip it where a verdict changed side (rare: only where the
+    # probability and log-odds averages disagree); recomputed exactly in evaluate() for measured results.
+    changed = sum((v is not None and r["verdict"] is not None and (v > 0.5) != (r["verdict"] > 0.5))
+                  for v, r in zip(verdicts, rows))
+    return AnnotatorResult(
+        **{f.name: getattr(res, f.name) for f in fields(AnnotatorResult)} | dict(
+            annotator=spec, accuracy=acc[0], ci_low=acc[1], ci_high=acc[2], selection_accuracy=sel[0],
+            selection_ci_low=sel[1], selection_ci_high=sel[2], report_accuracy=rep[0], report_ci_low=rep[1],
+            report_ci_high=rep[2], abstention=sum(v is None for v in verdicts) / len(rows),
+            prefers_longer=res.prefers_longer if changed == 0 else NAN, order_prior=prior,
+            calibrated_consistency=calibrated, single_order_accuracy=single, derived_from=res.annotator,
+            details=new_rows))
+
+
 def _result_path(out: Path, spec: str, track: str, source: str, seed: int, max_pairs) -> Path:
     key = hashlib.sha256(json.dumps([spec, track, source, seed, max_pairs, RESULT_FORMAT]).encode()).hexdigest()[:16]
     return out / "results" / f"{track}-{key}.json"
@@ -230,16 +280,29 @@ def run(specs: list[str], tracks: list[str], out: Path, *, source: str = "embedd
     return results
 
 
+def derived_results(results: list[AnnotatorResult]) -> list[AnnotatorResult]:
+    """Uncalibrated judges derived from calibrated ones, where the uncalibrated spec was not measured itself."""
+    have = {(r.annotator, r.track) for r in results}
+    out = []
+    for r in results:
+        spec = uncalibrated_spec(r.annotator)
+        if spec and (spec, r.track) not in have and (d := derive_uncalibrated(r)) is not None:
+            out.append(d)
+            have.add((spec, r.track))
+    return out
+
+
 def collected(out: Path, settings: tuple, first: list[AnnotatorResult] = ()) -> list[AnnotatorResult]:
     """This run's results, then every other finished result in ``out`` made with the same settings
-    (source, seed, max_pairs): a folder accumulates, so a track-specific spec can be run on its own."""
+    (source, seed, max_pairs): a folder accumulates, so a track-specific spec can be run on its own. Uncalibrated
+    judges derivable from a calibrated one's stored probabilities are added when not measured themselves."""
     rows, seen = list(first), {(r.annotator, r.track) for r in first}
     for path in sorted((out / "results").glob("*.json")):
         res = load_result(path)
         if res is not None and res.settings() == settings and (res.annotator, res.track) not in seen:
             rows.append(res)
             seen.add((res.annotator, res.track))
-    return rows
+    return rows + derived_results(rows)
 
 
 def ranking(results: list[AnnotatorResult], track: str) -> list[AnnotatorResult]:
@@ -287,6 +350,8 @@ def markdown_table(results: list[AnnotatorResult]) -> str:
     for r in sorted(results, key=lambda r: (r.track, -r.selection_accuracy, r.seconds_per_judgement)):
         params = f"{r.params / 1e6:.0f}M" if r.params else "-"
         name = f"`{r.annotator}`" + (" (oracle: reads labels)" if r.oracle else "")
+        if r.derived_from:
+            name += " (from the calibrated run's per-order probabilities)"
         if best.get(r.track) == r.annotator:
             name = f"**{name}**"
         after = f" ({_f(r.calibrated_consistency)})" if not math.isnan(r.calibrated_consistency) else ""

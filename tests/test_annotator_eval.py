@@ -117,3 +117,32 @@ def test_the_packaged_ranking_is_the_committed_evaluation_chosen_on_the_selectio
         assert not annotator_eval.reads_labels(rows[0]["annotator"])
         accs = [r["selection_accuracy"] for r in rows]
         assert accs == sorted(accs, reverse=True)
+
+
+def test_the_uncalibrated_judge_derived_from_a_calibrated_run_equals_the_measured_one(tiny_lm_dir):
+    """The ladder derives the plain judge of its largest model from the calibrated run's per-order
+    probabilities (same forward passes); here both are measured on a tiny random model and must agree."""
+    plain = f"{tiny_lm_dir}:llm_judge"
+    calibrated = f"{tiny_lm_dir}:llm_judge?calibrate=content_free"
+    assert annotator_eval.uncalibrated_spec(calibrated) == plain
+    assert annotator_eval.uncalibrated_spec(plain) is None
+    assert annotator_eval.uncalibrated_spec(f"{tiny_lm_dir}:likelihood?calibrate=content_free") is None
+    measured = annotator_eval.evaluate(plain, "harmless", max_pairs=16)
+    derived = annotator_eval.derive_uncalibrated(annotator_eval.evaluate(calibrated, "harmless", max_pairs=16))
+    assert derived.annotator == plain and derived.derived_from == calibrated
+    assert [r["verdict"] for r in derived.details] == pytest.approx([r["verdict"] for r in measured.details])
+    for key in ("accuracy", "selection_accuracy", "report_accuracy", "report_ci_low", "report_ci_high",
+                "position_consistency", "order_prior", "calibrated_consistency", "single_order_accuracy"):
+        assert getattr(derived, key) == pytest.approx(getattr(measured, key), nan_ok=True), key
+    assert measured.derived_from == ""
+
+
+def test_collected_adds_derived_judges_only_where_not_measured(tmp_path, tiny_lm_dir):
+    calibrated = f"{tiny_lm_dir}:llm_judge?calibrate=content_free"
+    annotator_eval.run([calibrated], ["helpful"], tmp_path, max_pairs=8, progress=lambda *_: None)
+    rows = annotator_eval.collected(tmp_path, ("embedded", 0, 8))
+    assert sorted(r.annotator for r in rows) == sorted([calibrated, f"{tiny_lm_dir}:llm_judge"])
+    assert len(list((tmp_path / "results").glob("*.json"))) == 1  # derived results are computed, not stored
+    annotator_eval.run([f"{tiny_lm_dir}:llm_judge"], ["helpful"], tmp_path, max_pairs=8, progress=lambda *_: None)
+    rows = annotator_eval.collected(tmp_path, ("embedded", 0, 8))
+    assert [r.derived_from for r in rows if r.annotator == f"{tiny_lm_dir}:llm_judge"] == [""]

@@ -13,11 +13,20 @@ tracks="summarize helpful harmless"
 for t in $tracks; do
   run --tracks $t --annotators rules "rules?oracle=true" minilm-l6:embedding
 done
-for m in smollm2-135m gemma3-270m qwen2.5-coder-0.5b qwen2.5-coder-1.5b; do
+for m in smollm2-135m gemma3-270m; do
   for t in $tracks; do
     run --tracks $t --annotators "$m:likelihood?mode=pmi&dtype=bfloat16" "$m:llm_judge?dtype=bfloat16" \
       "$m:llm_judge?calibrate=content_free&dtype=bfloat16" \
       "$m:llm_judge?mode=pointwise&pointwise=expected&dtype=bfloat16"
+  done
+done
+# The two larger models: the plain judge is not run again, it is derived from the calibrated judge's stored
+# per-order probabilities (the same two forward passes; benchmarks/annotator_eval.derive_uncalibrated, checked
+# against measured runs of the two smaller models); the pointwise judge is left out for time (it was the
+# weakest family at 135M/270M). LARGE=... picks which of the two (both by default).
+for m in ${LARGE:-qwen2.5-coder-0.5b qwen2.5-coder-1.5b}; do
+  for t in $tracks; do
+    run --tracks $t --annotators "$m:llm_judge?calibrate=content_free&dtype=bfloat16" "$m:likelihood?mode=pmi&dtype=bfloat16"
   done
 done
 run --tracks summarize --annotators "smollm2-135m:likelihood?mode=reconstruction&dtype=bfloat16" \
