@@ -58,7 +58,8 @@ class RLSFConfig(PPOSettings):
     configurations: str = field(default=(
         "gemma3-270m|3|faithful; gemma3-270m|1|poor; smollm2-135m|3|faithful; smollm2-135m|0|-"), metadata={
         "help": "prompted configurations 'model|shots|demos' (';'-separated) that answer the synthetic prompts "
-                "(our choice: the two embedded models, 0/1/3 shots, the faithful and poor sets of agents.almost_demos)"})
+                "(our choice: the two embedded models, 0/1/3 shots, the faithful and poor sets of "
+                "agents.almost_demos)"})
     ranking_rules: str = field(default="model: gemma3-270m > smollm2-135m; shots: 3 > 1 > 0; demos: faithful > poor",
                                metadata={"help": "per-axis orders 'axis: a > b > c' (';'-separated; axes model, "
                                                  "shots, demos): the paper's rules of thumb as configuration"})
@@ -92,7 +93,8 @@ class RLSFConfig(PPOSettings):
         bad = self.check_ppo()
         checks = {"synth_prompts >= 1": self.synth_prompts >= 1, "rmsp_prompts >= 1": self.rmsp_prompts >= 1,
                   "rmsp_n >= 1": self.rmsp_n >= 1, "rmsp_turns >= 1": self.rmsp_turns >= 1,
-                  "synth_temperature > 0": self.synth_temperature > 0, "0 < synth_top_p <= 1": 0 < self.synth_top_p <= 1,
+                  "synth_temperature > 0": self.synth_temperature > 0,
+                  "0 < synth_top_p <= 1": 0 < self.synth_top_p <= 1,
                   "max_new_tokens >= 1": self.max_new_tokens >= 1, "rm_lr > 0": self.rm_lr > 0,
                   "rm_epochs >= 1": self.rm_epochs >= 1, "rm_batch_size >= 1": self.rm_batch_size >= 1,
                   "sft_lr > 0": self.sft_lr > 0, "sft_epochs >= 0": self.sft_epochs >= 0,
@@ -212,8 +214,8 @@ class RLSFPPO:
                 for i, g in enumerate(gens):
                     texts[i][k] = g[0].text
             del engine
-        _write_json(work / "candidates.json", {"items": [i.id for i in items], "configs": [x.name for x in self.configs],
-                                               "texts": texts})
+        _write_json(work / "candidates.json",
+                    {"items": [i.id for i in items], "configs": [x.name for x in self.configs], "texts": texts})
         mean_words = {x.name: float(np.mean([len(t[k].split()) for t in texts])) for k, x in enumerate(self.configs)}
         return {"prompts": len(items), "configurations": len(self.configs), "mean_words": mean_words,
                 "seconds": time.perf_counter() - start}
@@ -284,8 +286,9 @@ class RLSFPPO:
             if turn + 1 < c.rmsp_turns:
                 self._simulate_users(engine, dialogues, turn)
         _write_json(work / "demonstrations.json", demos)
-        return {"best_configuration": best.name, "demonstrations": len(demos), "kept_score": float(np.mean(kept_scores)),
-                "candidate_score": float(np.mean(all_scores)), "seconds": time.perf_counter() - start}
+        return {"best_configuration": best.name, "demonstrations": len(demos),
+                "kept_score": float(np.mean(kept_scores)), "candidate_score": float(np.mean(all_scores)),
+                "seconds": time.perf_counter() - start}
 
     def _simulate_users(self, engine, dialogues: list[list[dict]], turn: int) -> None:
         """The next user turn of each dialogue, written by the best configuration's model prompted as the user."""
@@ -383,8 +386,8 @@ class RLSFPPO:
             metrics.pop("monitor_score")
         rm = self.summary.get("reward_model", {})
         if self._summary_pending and rm:
-            metrics |= {"rm_report_accuracy": float(rm["report_accuracy"]), "rm_train_accuracy": float(rm["train_accuracy"]),
-                        "synthetic_pairs": float(rm["pairs"])}
+            metrics |= {"rm_report_accuracy": float(rm["report_accuracy"]),
+                        "rm_train_accuracy": float(rm["train_accuracy"]), "synthetic_pairs": float(rm["pairs"])}
             self._summary_pending = False
         return metrics
 

@@ -59,7 +59,8 @@ def parse_configurations(text: str) -> list[Configuration]:
     for part in [p.strip() for p in text.split(";") if p.strip()]:
         fields = [f.strip() for f in part.split("|")]
         if len(fields) != 3 or not fields[0]:
-            raise AlignEnvError(f"configuration {part!r} must look like 'model|shots|demos', e.g. 'gemma3-270m|3|faithful'")
+            raise AlignEnvError(
+                f"configuration {part!r} must look like 'model|shots|demos', e.g. 'gemma3-270m|3|faithful'")
         try:
             shots = int(fields[1])
         except ValueError:

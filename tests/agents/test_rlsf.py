@@ -55,7 +55,8 @@ def test_the_pipeline_saves_every_stage_and_check_agent_passes(config):
     # 4 prompts x C(4, 2) = 24 configuration pairs, each kept or dropped by exactly one rule
     assert s["comparisons"]["pairs"] == 24
     assert s["comparisons"]["kept"] + sum(s["comparisons"]["dropped"].values()) == 24
-    assert 0 < s["comparisons"]["dropped"]["same_rank"] <= 4  # big|0 vs small|1 (larger model, fewer shots) unless empty
+    # big|0 vs small|1 (larger model, fewer shots) is the one same-rank pair per prompt, unless an answer is empty
+    assert 0 < s["comparisons"]["dropped"]["same_rank"] <= 4
     assert s["reward_model"]["pairs"] == s["comparisons"]["kept"] and s["reward_model"]["report_pairs"] == 30
     assert 0.0 <= s["reward_model"]["report_accuracy"] <= 1.0
     assert s["rmsp"]["best_configuration"].endswith("|1|faithful") and s["rmsp"]["demonstrations"] == 4
@@ -160,3 +161,22 @@ def test_loading_a_checkpoint_of_other_pipeline_outputs_is_refused(config, tmp_p
     (tmp_path / "ckpt" / "agent.json").write_text(json.dumps(meta))
     with pytest.raises(AlignEnvError, match="trained on other pipeline outputs"):
         make_agent("rlsf-ppo", track=TRACK, seed=0, **config).load(tmp_path / "ckpt")
+
+
+def test_a_reward_model_that_outputs_nan_stops_ppo_with_a_clear_error(config):
+    import torch
+
+    from agents import Transitions
+    from agents.reward_trainer import RewardModelNaNError
+
+    agent = make_agent("rlsf-ppo", track=TRACK, seed=0, **config)
+    env = AlignVectorEnv(num_envs=2, track=TRACK, feedback="scalar", annotator="shorter")
+    obs, _ = env.reset(seed=0)
+    agent.prepare()
+    with torch.no_grad():
+        agent.reward_model.model.score.weight.fill_(float("nan"))
+    action = agent.act(obs)
+    _, rewards, _, _, infos = env.step(action)
+    with pytest.raises(RewardModelNaNError, match="non-finite scores.*the last checkpoint is kept"):
+        agent.update(Transitions.from_vector_step(action, rewards, infos))
+    assert agent.trainer.optimizer_steps == 0  # nothing was trained on the broken scores
