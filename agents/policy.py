@@ -105,6 +105,10 @@ class Policy:
             with self.model.disable_adapter():
                 yield self.model
 
+    def reference_model(self):
+        """Context manager yielding the reference model (LoRA: adapters disabled; full: the frozen copy)."""
+        return self._reference_model()
+
     def sample(self, prompts: Sequence, *, n: int, temperature: float, top_p: float = 1.0,
                max_new_tokens: int | None = None, seed: int, from_reference: bool = False):
         """``n`` samples per prompt (chat messages or text) from the current policy, or from the reference."""
