@@ -26,9 +26,10 @@ Endpoints:
 
 Transport (``openai_transport.py``; pure reply parsers in ``openai_parse.py``): every request has a
 timeout (connect and read; the body is read under a deadline too). Connection errors, timeouts, 429 and
-5xx are retried ``max_retries`` times with exponential backoff and seeded jitter (``Retry-After`` is honoured up to ``backoff_max``); other 4xx fail at once; a body that is not
-the JSON expected is a :class:`ServerError`. So a call ends, with a result or a clear error, after at most
-about ``(max_retries + 1) * (connect_timeout + 2 * timeout) + max_retries * backoff_max`` seconds.
+5xx are retried ``max_retries`` times with exponential backoff and seeded jitter (``Retry-After`` is
+honoured up to ``backoff_max``); other 4xx fail at once; a body that is not the JSON expected is a
+:class:`ServerError`. So a call ends, with a result or a clear error, after at most about
+``(max_retries + 1) * (connect_timeout + 2 * timeout) + max_retries * backoff_max`` seconds.
 
 The API key is read from ``$OPENAI_API_KEY`` (or the variable named by ``api_key_env``). It is sent in the
 ``Authorization`` header and nowhere else: not in ``repr``, not in error messages (server text is
