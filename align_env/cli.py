@@ -271,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except AlignEnvError as exc:
-        print(f"align-env: error: {exc}", file=sys.stderr)
+        from align_env.redaction import safe_text
+
+        print(f"align-env: error: {safe_text(exc)}", file=sys.stderr)
         return 2
 
 

@@ -30,7 +30,9 @@ Starting a run in a folder (:func:`prepare_run_dir`):
 * an unfinished run of the same config: refused unless ``resume=True``; then it continues from its last
   checkpoint (or from the start when it died before the first one), the metrics log is cut back to that
   checkpoint's step and continues: no step is logged twice or lost. With the same seed, the resumed run
-  sees the same prompts in the same order and draws the same random numbers as an uninterrupted one;
+  sees the same prompts in the same order and draws the same random numbers as an uninterrupted one.
+  Checkpoints are verified against their checksums first: a corrupt one is set aside and the run resumes
+  from the previous intact one, saying so; a missing or inconsistent metrics log is an error;
 * a run of a different config, or a non-empty folder that holds no run: refused.
 
 "Same config" compares everything in ``config.json`` except ``checkpoint_every``, ``keep_checkpoints``,
@@ -355,10 +357,10 @@ def _train(agent, env, venv, out_dir, budget, checkpoint_every, keep_checkpoints
 
     ckpt.clean_partial(out_dir)
     metrics_path = out_dir / run_log.METRICS_FILE
-    last = ckpt.latest_checkpoint(out_dir) if mode == "resume" else None
+    last = ckpt.latest_intact_checkpoint(out_dir) if mode == "resume" else None
     obs, counters = _restore(agent, venv, last[1], config, seed) if last else _start(venv, seed)
-    if metrics_path.exists():
-        run_log.truncate(metrics_path, counters.step)
+    if mode == "resume":
+        run_log.truncate(metrics_path, counters.step, asdict(counters))
 
     def save_checkpoint() -> Path:
         state = {"format": STATE_FORMAT, "agent_class": config["agent"]["class"], "step": counters.step,

@@ -224,7 +224,7 @@ def test_without_logprobs_the_judge_parses_text_and_abstains_when_it_cannot(serv
     # An answer naming no label: the judge abstains, and the engine counts it.
     server.routes[CHAT] = [_judge_by_text(lambda content: "Both responses have merit.")]
     assert judge.pairwise(["q3"], ["GOOD"], ["BAD"]) == [None]
-    assert judge.last_details == [{"p_ab": None, "p_ba": None, "l_ab": None, "l_ba": None, "prior": None}]
+    assert [(d["p_ab"], d["p_ba"]) for d in judge.last_details] == [(None, None)]
     assert eng.stats["unparsed_answers"] == 2
     # The likelihood family needs prompt log-probs this server does not give: a clear error at build time.
     with pytest.raises(AlignEnvError, match=r"likelihood.*needs 'score'.*echo is not supported"):

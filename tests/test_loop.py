@@ -375,3 +375,74 @@ def test_curves_average_windows_of_a_real_metrics_log(tmp_path, capsys):
     assert "steps 1-5" in out and "+5" in out and (tmp_path / "curves.png").stat().st_size > 1000
     assert main(["curves", str(tmp_path / "nope")]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err
+
+
+# -- corrupt checkpoints and logs at resume --------------------------------------------------------------
+def _flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _copy_unfinished(reference: Path, dest: Path) -> Path:
+    """The reference run as if killed after its last checkpoint (result.json removed)."""
+    import shutil
+
+    shutil.copytree(reference, dest)
+    (dest / "result.json").unlink()
+    return dest
+
+
+@pytest.mark.parametrize("damage", ["flip_adapter", "truncate_optimizer", "agent_json_wrong_type",
+                                    "state_is_a_folder"])
+def test_resume_falls_back_to_the_previous_intact_checkpoint(tiny_lm_dir, reference_run, tmp_path, capsys, damage):
+    """Step 6 is damaged: the resume says so, sets it aside, redoes steps 5-6 from step 4: the same numbers."""
+    out = _copy_unfinished(reference_run, tmp_path / "run")
+    newest = out / ckpt.CHECKPOINTS / "step-00000006"
+    if damage == "flip_adapter":
+        _flip_middle_byte(newest / ckpt.AGENT_DIR / "adapter" / "adapter_model.safetensors")
+    elif damage == "truncate_optimizer":
+        target = newest / ckpt.AGENT_DIR / "trainer.pt"  # the optimizer's state
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    elif damage == "agent_json_wrong_type":
+        weights = newest / ckpt.AGENT_DIR / "adapter" / "adapter_model.safetensors"
+        (newest / ckpt.AGENT_DIR / "agent.json").write_bytes(weights.read_bytes())
+    else:
+        (newest / ckpt.STATE_FILE).unlink()
+        (newest / ckpt.STATE_FILE).mkdir()
+    run_one(**dpo_args(tiny_lm_dir), out_dir=out, resume=True)
+    err = capsys.readouterr().err
+    assert "step-00000006" in err and "resuming from the previous intact checkpoint, step 4" in err
+    assert {"flip_adapter": "adapter_model.safetensors does not match its SHA-256",
+            "truncate_optimizer": "trainer.pt is truncated", "agent_json_wrong_type": "agent.json is longer than",
+            "state_is_a_folder": "state.json is a folder"}[damage] in err
+    assert (out / ckpt.CHECKPOINTS / "corrupt-step-00000006").is_dir()
+    assert_same_run(out, reference_run)
+
+
+def test_resume_without_an_intact_checkpoint_or_with_a_lost_log_is_an_error(tiny_lm_dir, reference_run, tmp_path):
+    out = _copy_unfinished(reference_run, tmp_path / "none")
+    for _, folder in ckpt.list_checkpoints(out):
+        (folder / ckpt.STATE_FILE).write_text("{}")  # same kind of file, other content
+    with pytest.raises(ckpt.CorruptCheckpointError, match="no intact checkpoint to resume from"):
+        run_one(**dpo_args(tiny_lm_dir), out_dir=out, resume=True)
+
+    out = _copy_unfinished(reference_run, tmp_path / "lost")
+    (out / "metrics.jsonl").unlink()
+    with pytest.raises(AlignEnvError, match=r"metrics.jsonl is missing but the checkpoint is at step 6"):
+        run_one(**dpo_args(tiny_lm_dir), out_dir=out, resume=True)
+    assert not (out / "result.json").exists()
+
+    out = _copy_unfinished(reference_run, tmp_path / "edited")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    lines[2] = "not json at all"
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(AlignEnvError, match=r"malformed lines \(line 3: not JSON"):
+        run_one(**dpo_args(tiny_lm_dir), out_dir=out, resume=True)
+
+    out = _copy_unfinished(reference_run, tmp_path / "foreign")
+    records = run_log.read(out / "metrics.jsonl")
+    records[-1]["annotator_calls"] += 5
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(AlignEnvError, match=r"record of step 6 disagrees with the checkpoint on annotator_calls"):
+        run_one(**dpo_args(tiny_lm_dir), out_dir=out, resume=True)

@@ -24,94 +24,45 @@ Endpoints:
 
 ``capabilities`` is probed lazily (one tiny request, the first time it is read) unless it is given.
 
-Robustness: every request has a timeout (connect and read; the body is read under a deadline too).
-Connection errors, timeouts, 429 and 5xx are retried ``max_retries`` times with exponential backoff and
-seeded jitter (``Retry-After`` is honoured up to ``backoff_max``); other 4xx fail at once; a body that is not
-the JSON expected is a :class:`ServerError`. So a call ends, with a result or a clear error, after at most
-about ``(max_retries + 1) * (connect_timeout + 2 * timeout) + max_retries * backoff_max`` seconds.
+Transport (``openai_transport.py``; pure reply parsers in ``openai_parse.py``): every request has a
+timeout (connect and read; the body is read under a deadline too). Connection errors, timeouts, 429 and
+5xx are retried ``max_retries`` times with exponential backoff and seeded jitter (``Retry-After`` is
+honoured up to ``backoff_max``); other 4xx fail at once; a body that is not the JSON expected is a
+:class:`ServerError`. So a call ends, with a result or a clear error, after at most about
+``(max_retries + 1) * (connect_timeout + 2 * timeout) + max_retries * backoff_max`` seconds.
 
 The API key is read from ``$OPENAI_API_KEY`` (or the variable named by ``api_key_env``). It is sent in the
 ``Authorization`` header and nowhere else: not in ``repr``, not in error messages (server text is
-redacted), not in pickles. Token usage reported by the server is summed in ``usage``
-(``{"tokens_in", "tokens_out"}``) so annotators can count cost.
+redacted by :mod:`align_env.redaction`), not in pickles. Token usage reported by the server is summed in
+``usage`` (``{"tokens_in", "tokens_out"}``) so annotators can count cost; a malformed ``usage`` is a
+:class:`ServerError` naming the reply's shape.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import random
-import re
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from align_env.engines import ContinuationScore, Generation, PromptInput
+from align_env.engines.openai_parse import (ServerError, choice_text, continuation_start, derive_seed, display_url,
+                                            logsumexp, parse_label, parse_tops, usage_counts)
+from align_env.engines.openai_parse import choice as first_choice
+from align_env.engines.openai_transport import Secret, Transport
 from align_env.errors import AlignEnvError, did_you_mean
+from align_env.redaction import safe_text
 
 BASE_URL_ENV = ("ALIGN_ENV_OPENAI_BASE_URL", "OPENAI_BASE_URL")
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 MODES = ("chat", "completions")
-_MAX_BODY = 64 << 20  # bytes; a larger answer is not an OpenAI-style response
-_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
-_CONTEXT_ERROR = re.compile(r"context.{0,20}(length|window|size)|too (long|many tokens)|maximum.{0,30}tokens|"
-                            r"exceed", re.IGNORECASE)
-
-
-class ServerError(AlignEnvError):
-    """The server could not be reached, or answered with an error or with something that is not an answer."""
-
-    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False):
-        super().__init__(message)
-        self.status, self.retryable = status, retryable
 
 
 class CapabilityError(AlignEnvError):
     """The server does not serve what was asked (e.g. prompt log-probabilities for ``score``)."""
 
-
-class _Secret:
-    """Holds the API key; prints as ``***``."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str | None):
-        self._value = value or None
-
-    def get(self) -> str | None:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "***" if self._value else "None"
-
-    def __reduce__(self):
-        raise TypeError("the API key is not picklable")
-
-
-def _derive_seed(seed: int, *parts: int) -> int:
-    data = ":".join(str(x) for x in (seed, *parts)).encode()
-    return int.from_bytes(hashlib.blake2b(data, digest_size=4).digest(), "big") & 0x7FFFFFFF
-
-
-def _logsumexp(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return float("-inf")
-    m = max(finite)
-    return m + math.log(sum(math.exp(v - m) for v in finite))
-
-
-def _display_url(url: str) -> str:
-    """The URL without user:password (error messages)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 class OpenAIEngine:
@@ -139,7 +90,7 @@ class OpenAIEngine:
             url += "/v1"
         self.base_url = url
         self.api_key_env = api_key_env
-        self._secret = _Secret(api_key if api_key is not None else os.environ.get(api_key_env))
+        secret = Secret(api_key if api_key is not None else os.environ.get(api_key_env))
         self.timeout, self.connect_timeout = float(timeout), float(connect_timeout or min(10.0, timeout))
         self.max_retries, self.backoff, self.backoff_max = int(max_retries), float(backoff), float(backoff_max)
         self.jitter_seed, self.max_concurrency, self.top_logprobs = jitter_seed, int(max_concurrency), int(top_logprobs)
@@ -153,12 +104,14 @@ class OpenAIEngine:
         self.stats = {"requests": 0, "retries": 0, "failures": 0, "parsed_answers": 0, "unparsed_answers": 0}
         # Judge answers parsed from text rather than read from log-probs (asked for, or found out).
         self._text_answers, self.answer_tokens = not logprobs, int(answer_tokens)
-        self._init_runtime()
+        self._init_runtime(secret)
 
-    def _init_runtime(self) -> None:
-        self._rng = random.Random(self.jitter_seed)
+    def _init_runtime(self, secret: Secret) -> None:
         self._lock = threading.Lock()
-        self._local = threading.local()
+        self._transport = Transport(self.base_url, secret, api_key_env=self.api_key_env, timeout=self.timeout,
+                                    connect_timeout=self.connect_timeout, max_retries=self.max_retries,
+                                    backoff=self.backoff, backoff_max=self.backoff_max, jitter_seed=self.jitter_seed,
+                                    max_concurrency=self.max_concurrency, stats=self.stats, lock=self._lock)
 
     @classmethod
     def from_name(cls, model: str, **options) -> OpenAIEngine:
@@ -172,16 +125,14 @@ class OpenAIEngine:
         return cls(model, **options)
 
     def __repr__(self) -> str:
-        return f"OpenAIEngine(model={self.model!r}, base_url={_display_url(self.base_url)!r}, mode={self.mode!r})"
+        return f"OpenAIEngine(model={self.model!r}, base_url={display_url(self.base_url)!r}, mode={self.mode!r})"
 
     def __getstate__(self):
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_secret", "_rng", "_lock", "_local")}
-        return state
+        return {k: v for k, v in self.__dict__.items() if k not in ("_transport", "_lock")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._secret = _Secret(os.environ.get(self.api_key_env))
-        self._init_runtime()
+        self._init_runtime(Secret(os.environ.get(self.api_key_env)))
 
     # -- capabilities ---------------------------------------------------------------------------------------
     @property
@@ -208,7 +159,7 @@ class OpenAIEngine:
                     f"counting sequence, expected > {self._PROBE_MIN_MEAN}), as llama-cpp-python's server (0.3.x) "
                     f"gives them")
         except CapabilityError as exc:
-            self.capability_notes["score"] = getattr(exc, "detail", str(exc))
+            self.capability_notes["score"] = safe_text(getattr(exc, "detail", str(exc)))
         except ServerError as exc:
             if exc.status is None or exc.retryable or exc.status in (401, 403):  # unreachable, failing, or the
                 raise  # key is refused: say so now
@@ -219,176 +170,21 @@ class OpenAIEngine:
     def _need(self, capability: str, detail: str) -> CapabilityError:
         if self._caps is not None:
             self._caps = self._caps - {capability}
-        err = CapabilityError(f"engine 'openai' at {_display_url(self.base_url)} cannot serve '{capability}': "
+        err = CapabilityError(f"engine 'openai' at {display_url(self.base_url)} cannot serve '{capability}': "
                               f"{detail}")
         err.detail = detail
         return err
 
-    # -- HTTP -----------------------------------------------------------------------------------------------
-    def _session(self):
-        import requests
-
-        sess = getattr(self._local, "session", None)
-        if sess is None:
-            sess = requests.Session()
-            # Loopback servers are never reached through a proxy from the environment.
-            sess.trust_env = urlsplit(self.base_url).hostname not in _LOOPBACK
-            adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=self.max_concurrency,
-                                                    max_retries=0)
-            sess.mount("http://", adapter)
-            sess.mount("https://", adapter)
-            self._local.session = sess
-        return sess
-
-    def _redact(self, text: str) -> str:
-        key = self._secret.get()
-        if key:
-            text = text.replace(key, "***")
-        return re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
-
-    def _delay(self, attempt: int, retry_after: str | None) -> float:
-        base = min(self.backoff_max, self.backoff * (2 ** attempt))
-        with self._lock:
-            base *= 0.5 + 0.5 * self._rng.random()
-        if retry_after:
-            try:
-                base = max(base, min(float(retry_after), self.backoff_max))
-            except ValueError:
-                pass
-        return base
-
+    # -- HTTP (the transport: openai_transport.py) ---------------------------------------------------------
     def _post(self, path: str, payload: dict, *, retries: int | None = None) -> dict:
-        """POST JSON and return the decoded answer, retrying what is worth retrying; never unbounded."""
-        import requests
-
-        url = self.base_url + path
-        shown = _display_url(url)
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._secret.get():
-            headers["Authorization"] = f"Bearer {self._secret.get()}"
-        body = {**self.extra_body, **payload}
-        attempts = (self.max_retries if retries is None else retries) + 1
-        last: ServerError | None = None
-        retry_after = None
-        for attempt in range(attempts):
-            if attempt:
-                with self._lock:
-                    self.stats["retries"] += 1
-                time.sleep(self._delay(attempt - 1, retry_after))
-                retry_after = None
+        """POST ``extra_body | payload`` and return the decoded answer (token usage counted)."""
+        data = self._transport.post(path, {**self.extra_body, **payload}, model=self.model, retries=retries)
+        counts = usage_counts(data, display_url(self.base_url + path))
+        if counts is not None:
             with self._lock:
-                self.stats["requests"] += 1
-            try:
-                resp = self._session().post(url, json=body, headers=headers, stream=True,
-                                            timeout=(self.connect_timeout, self.timeout))
-                try:
-                    raw = self._read(resp, shown)
-                finally:
-                    resp.close()
-            except requests.exceptions.ConnectionError as exc:
-                text = str(exc).lower()
-                if "read timed out" in text:  # the body stopped coming (stream=True reports it this way)
-                    last = ServerError(f"the server at {shown} did not answer within {self.timeout:g} s",
-                                       retryable=True)
-                    continue
-                reason = ("timed out" if isinstance(exc, requests.exceptions.ConnectTimeout) else
-                          "connection refused" if "refused" in text else
-                          "name not resolved" if "resolve" in text or "name or service" in text else
-                          "connection failed")
-                last = ServerError(f"cannot reach the OpenAI-compatible server at {shown} ({reason}: "
-                                   f"{type(exc).__name__})", retryable=True)
-                continue
-            except requests.exceptions.Timeout:
-                last = ServerError(f"the server at {shown} did not answer within {self.timeout:g} s", retryable=True)
-                continue
-            except requests.exceptions.RequestException as exc:
-                last = ServerError(f"request to {shown} failed: {self._redact(str(exc))[:300]}", retryable=True)
-                continue
-            except ServerError as exc:
-                last = exc
-                if exc.retryable:
-                    continue
-                break
-            status = resp.status_code
-            if status == 200:
-                try:
-                    data = json.loads(raw)
-                except (ValueError, UnicodeDecodeError):
-                    snippet = self._redact(raw[:200].decode("utf-8", "replace"))
-                    last = ServerError(f"the server at {shown} answered 200 with a body that is not JSON: {snippet!r}",
-                                       status=status)
-                    break
-                if not isinstance(data, dict) or "error" in data and "choices" not in data:
-                    detail = self._redact(json.dumps(data)[:300])
-                    last = ServerError(f"the server at {shown} answered 200 without a result: {detail}", status=status)
-                    break
-                self._count(data)
-                return data
-            message = self._error_text(raw)
-            retryable = status == 429 or status >= 500
-            hint = ""
-            if status in (401, 403):
-                hint = f"; check the API key in ${self.api_key_env} (not shown)"
-            elif status == 404:
-                hint = f"; does the server serve {path} and know the model {self.model!r}?"
-            last = ServerError(f"the server at {shown} answered HTTP {status}: {message}{hint}", status=status,
-                               retryable=retryable)
-            retry_after = resp.headers.get("Retry-After")
-            if not retryable:
-                if status == 400 and _CONTEXT_ERROR.search(message):
-                    from align_env.engines.transformers_engine import PromptTooLongError
-
-                    raise PromptTooLongError(f"the server at {shown} refused an overlong prompt: {message}")
-                break
-        with self._lock:
-            self.stats["failures"] += 1
-        assert last is not None
-        if last.retryable and attempts > 1:
-            raise ServerError(f"{last} (gave up after {attempts} attempts)", status=last.status, retryable=True)
-        raise last
-
-    def _read(self, resp, shown: str) -> bytes:
-        """The body, read under a deadline (a server that drips bytes cannot hold us past the timeout)."""
-        deadline = time.monotonic() + self.timeout
-        chunks, size = [], 0
-        # ``read1`` (urllib3 2) returns what has arrived; ``iter_content`` would wait for a whole chunk.
-        read1 = getattr(resp.raw, "read1", None)
-        if read1 is not None:
-            stream = iter(lambda: read1(65536, decode_content=True), b"")
-        else:  # pragma: no cover - urllib3 1.x
-            stream = resp.iter_content(chunk_size=1024)
-        for chunk in stream:
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > _MAX_BODY:
-                raise ServerError(f"the server at {shown} sent more than {_MAX_BODY >> 20} MiB",
-                                  status=resp.status_code)
-            if time.monotonic() > deadline:
-                raise ServerError(f"the server at {shown} did not finish its answer within {self.timeout:g} s",
-                                  retryable=True)
-        return b"".join(chunks)
-
-    def _error_text(self, raw: bytes) -> str:
-        text = raw[:2000].decode("utf-8", "replace")
-        try:
-            data = json.loads(text)
-            err = data.get("error", data) if isinstance(data, dict) else data
-            if isinstance(err, dict):
-                text = str(err.get("message") or err.get("detail") or err)
-            elif isinstance(data, dict) and "detail" in data:
-                text = str(data["detail"])
-            else:
-                text = str(err)
-        except ValueError:
-            pass
-        return self._redact(" ".join(text.split()))[:300] or "(empty body)"
-
-    def _count(self, data: dict) -> None:
-        usage = data.get("usage")
-        if isinstance(usage, dict):
-            with self._lock:
-                self.usage["tokens_in"] += int(usage.get("prompt_tokens") or 0)
-                self.usage["tokens_out"] += int(usage.get("completion_tokens") or 0)
+                self.usage["tokens_in"] += counts[0]
+                self.usage["tokens_out"] += counts[1]
+        return data
 
     def _map(self, fn: Callable, items: list) -> list:
         """``[fn(x) for x in items]`` on at most ``max_concurrency`` threads, in order; the first error wins."""
@@ -401,13 +197,6 @@ class OpenAIEngine:
             return [f.result() for f in futures]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-
-    @staticmethod
-    def _choice(data: dict, shown: str) -> dict:
-        choices = data.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            raise ServerError(f"the server at {shown} answered without choices: {json.dumps(data)[:200]}")
-        return choices[0]
 
     # -- rendering ----------------------------------------------------------------------------------------------
     def render(self, prompt: PromptInput, add_generation_prompt: bool = True) -> str:
@@ -446,7 +235,7 @@ class OpenAIEngine:
             payload = {"model": self.model, "max_tokens": int(max_new_tokens), "temperature": float(temperature),
                        "top_p": float(top_p), "n": 1}
             if seed is not None:
-                payload["seed"] = _derive_seed(int(seed), i, k)
+                payload["seed"] = derive_seed(int(seed), i, k)
             chat = self._uses_chat(p)
             if chat:
                 payload["messages"] = p
@@ -455,20 +244,14 @@ class OpenAIEngine:
                 if self.stop_strings and not isinstance(p, str):
                     payload["stop"] = list(self.stop_strings)
             data = self._post("/chat/completions" if chat else "/completions", payload)
-            choice = self._choice(data, _display_url(self.base_url))
-            if chat:
-                message = choice.get("message") or {}
-                text = message.get("content") if isinstance(message, dict) else None
-            else:
-                text = choice.get("text")
-            if text is not None and not isinstance(text, str):
-                raise ServerError(f"the server at {_display_url(self.base_url)} answered with non-text content")
-            text = text or ""
-            usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+            shown = display_url(self.base_url)
+            choice = first_choice(data, shown)
+            text = choice_text(choice, chat, shown)
+            prompt_tokens, tokens = usage_counts(data, shown) or (0, 0)
             finish = choice.get("finish_reason") or "stop"
+            finish = finish if isinstance(finish, str) else "stop"
             finish = {"eos": "stop", "stop_sequence": "stop", "max_tokens": "length"}.get(finish, finish)
-            return Generation(text=text.strip(), tokens=int(usage.get("completion_tokens") or 0),
-                              finish_reason=finish, prompt_tokens=int(usage.get("prompt_tokens") or 0))
+            return Generation(text=text.strip(), tokens=tokens, finish_reason=finish, prompt_tokens=prompt_tokens)
 
         flat = self._map(one, tasks)
         return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
@@ -495,7 +278,7 @@ class OpenAIEngine:
             out = {}
             for cand, bare in zip(candidates, stripped):
                 hits = [lp for tok, lp in tops.items() if tok == cand or (loose and tok.strip() == bare)]
-                out[cand] = _logsumexp(hits)
+                out[cand] = logsumexp(hits)
             return out
 
         return self._map(one, list(contexts))
@@ -520,20 +303,20 @@ class OpenAIEngine:
         else:
             payload.update(prompt=self.render(ctx), logprobs=self.top_logprobs)
         path = "/chat/completions" if chat else "/completions"
-        shown = _display_url(self.base_url)
-        choice = self._choice(self._post(path, payload), shown)
-        tops = self._parse_tops(choice.get("logprobs"), chat, shown)
-        if tops is None and choice.get("finish_reason") == "stop" and not _choice_text(choice, chat).strip():
+        shown = display_url(self.base_url)
+        choice = first_choice(self._post(path, payload), shown)
+        tops = parse_tops(choice.get("logprobs"), chat, shown)
+        if tops is None and choice.get("finish_reason") == "stop" and not choice_text(choice, chat).strip():
             # The model ended at once (end-of-text) and the server then sent no log-probs (llama.cpp's Python
             # server does this): ask again for one real token. When that is refused too, no candidate is in
             # view: every candidate gets -inf and a judge abstains.
             try:
-                choice = self._choice(self._post(path, {**payload, "min_tokens": 1}), shown)
+                choice = first_choice(self._post(path, {**payload, "min_tokens": 1}), shown)
             except ServerError as exc:
                 if exc.status is None or exc.retryable:
                     raise
                 return {}
-            tops = self._parse_tops(choice.get("logprobs"), chat, shown)
+            tops = parse_tops(choice.get("logprobs"), chat, shown)
             if tops is None:
                 return {}
         if tops is None:
@@ -543,44 +326,6 @@ class OpenAIEngine:
                     f"the server returned no log-probs for {path}: judge answers are parsed from generated text "
                     f"(hard 0/1 verdicts)")
         return tops
-
-    @staticmethod
-    def _parse_tops(lp, chat: bool, shown: str) -> dict[str, float] | None:
-        if not isinstance(lp, dict):
-            return None
-        tops: dict[str, float] = {}
-
-        def add(tok, val):
-            if isinstance(tok, str) and isinstance(val, (int, float)) and not isinstance(val, bool):
-                tok = tok.replace("\u2581", " ").replace("\u0120", " ")
-                tops[tok] = max(float(val), tops.get(tok, float("-inf")))
-
-        try:
-            if chat:
-                content = lp.get("content") or []
-                if not content:
-                    return None
-                first = content[0]
-                add(first.get("token"), first.get("logprob"))
-                for alt in first.get("top_logprobs") or []:
-                    add(alt.get("token"), alt.get("logprob"))
-            else:
-                toks, vals, top = lp.get("tokens") or [], lp.get("token_logprobs") or [], lp.get("top_logprobs") or []
-                if not toks and not top:
-                    return None
-                if toks and vals:
-                    add(toks[0], vals[0])
-                first = top[0] if top else None
-                if isinstance(first, dict):
-                    for tok, val in first.items():
-                        add(tok, val)
-                elif isinstance(first, list):
-                    for alt in first:
-                        if isinstance(alt, dict):
-                            add(alt.get("token"), alt.get("logprob"))
-        except (AttributeError, TypeError, IndexError) as exc:
-            raise ServerError(f"the server at {shown} answered with malformed log-probs ({exc})") from None
-        return tops or None
 
     def score(self, contexts: Sequence[PromptInput], continuations: Sequence[str]) -> list[ContinuationScore]:
         """log p(continuation | context) from the server's echoed prompt log-probs (``/completions``).
@@ -600,7 +345,7 @@ class OpenAIEngine:
                          list(zip(contexts, continuations)))
 
     def _echo_score(self, ctx_text: str, cont: str, *, retries: int | None = None) -> ContinuationScore:
-        shown = _display_url(self.base_url)
+        shown = display_url(self.base_url)
         if not cont:
             return ContinuationScore(0.0, 0, (), 0, False)
         payload = {"model": self.model, "prompt": ctx_text + cont, "max_tokens": 1, "temperature": 0.0,
@@ -611,7 +356,7 @@ class OpenAIEngine:
             if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (401, 403, 429):
                 raise self._need("score", f"/completions with echo=True and logprobs was refused ({exc})") from None
             raise
-        choice = self._choice(data, shown)
+        choice = first_choice(data, shown)
         lp = choice.get("logprobs")
         toks = lp.get("tokens") if isinstance(lp, dict) else None
         vals = lp.get("token_logprobs") if isinstance(lp, dict) else None
@@ -619,9 +364,8 @@ class OpenAIEngine:
             raise self._need("score", "the server returned no echoed prompt log-probs (/completions with echo=True "
                                       "and logprobs)")
         texts = [t if isinstance(t, str) else "" for t in toks]
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        generated = usage.get("completion_tokens")
-        generated = generated if isinstance(generated, int) and generated >= 0 else 1
+        counts = usage_counts(data, shown)
+        generated = counts[1] if counts is not None else 1
         # Where the echoed prompt ends: servers differ on whether the generated token is listed.
         for end in dict.fromkeys([len(toks) - min(generated, len(toks)), len(toks), len(toks) - 1]):
             start = continuation_start(texts, end, cont)
@@ -631,64 +375,9 @@ class OpenAIEngine:
             tail = "".join(texts)[-60:]
             raise self._need("score", f"its echoed tokens do not end with the continuation (they end with {tail!r})")
         lps = [float(v) for v in vals[start:end] if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        prompt_tokens = usage.get("prompt_tokens")
-        n_ctx = (prompt_tokens if isinstance(prompt_tokens, int) else end) - (end - start)
+        n_ctx = (counts[0] if counts is not None and counts[0] else end) - (end - start)
         return ContinuationScore(sum(lps), len(lps), tuple(lps), max(0, n_ctx), False)
 
 
-def _choice_text(choice: dict, chat: bool) -> str:
-    text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
-    return text if isinstance(text, str) else ""
 
-
-def parse_label(text: str, candidates: Sequence[str]) -> str | None:
-    """The candidate label a judge's free-text answer names, or None (then it abstains).
-
-    The answer's first word when it is a label standing alone (``"B"``, ``"B."``, ``"(A) because..."``; not
-    the article in ``"A good answer"``), else a label named as ``Response B`` / ``Answer: A`` / ``Output (B)``;
-    labels are matched without surrounding whitespace.
-    """
-    bare = {c.strip(): c for c in candidates if c.strip()}
-    if not bare:
-        return None
-    alt = "|".join(re.escape(b) for b in sorted(bare, key=len, reverse=True))
-    head = re.match(rf"\s*[\(\[\*\"']*({alt})(?=$|[^\w\s]|\s*\n)", text or "")
-    if head:
-        return bare[head.group(1)]
-    named = re.search(rf"(?i:response|answer|output|option|assistant)\s*[:\(\[\*]*\s*({alt})(?![\w])", text or "")
-    return bare[named.group(1)] if named else None
-
-
-def continuation_start(texts: Sequence[str], end: int, cont: str) -> int | None:
-    """Index of the first of ``texts[:end]`` that belongs to ``cont`` (matched from the end), or None.
-
-    A token that straddles the boundary (context characters, then the continuation's first ones) belongs to
-    the continuation. Servers show a token that holds only part of a multi-byte character as an empty
-    string (or a replacement character); such fragments are skipped and the non-ASCII characters they stand
-    for are matched loosely.
-    """
-    pos, j, pending = len(cont), end, False
-    while pos > 0:
-        if j == 0:
-            return None
-        j -= 1
-        frag = "\ufffd" in texts[j]
-        t = texts[j].replace("\ufffd", "")
-        if not t:
-            pending = True  # a fragment of a multi-byte character
-            continue
-        k = pos
-        while True:
-            if cont.endswith(t, 0, k):
-                pos, pending = k - len(t), frag
-                break
-            if k and t.endswith(cont[:k]):  # straddles the boundary
-                pos = 0
-                break
-            if k and ord(cont[k - 1]) > 127 and pending:
-                k -= 1  # a character the server showed only as fragments
-                if k == 0:
-                    return j + 1  # the continuation begins with such a character; this token is context
-                continue
-            return None
-    return j
+__all__ = ["CapabilityError", "OpenAIEngine", "ServerError", "continuation_start", "parse_label"]
