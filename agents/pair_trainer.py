@@ -13,6 +13,7 @@ uses this module; none imports another agent. It holds:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -117,9 +118,18 @@ class PairTrainer:
         self.micro_steps = self.optimizer_steps = self.nonfinite_run = self.nonfinite_total = 0
 
     def train(self, prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]]) -> dict[str, float]:
+        """One micro-step of ``loss(h)`` on the pairs (none: the step still counts toward accumulation)."""
+        return self.train_with(partial(self._pair_loss, prompts, chosen, rejected) if prompts else None)
+
+    def train_with(self, compute: Callable[[], tuple[torch.Tensor, dict[str, float]]] | None) -> dict[str, float]:
+        """One micro-step of any loss: ``compute()`` returns ``(mean loss with gradient, metrics)``.
+
+        Agents whose loss is not a plain DPO-family loss (SAIL's extra terms) use this; accumulation,
+        clipping, warm-up, the non-finite guard and the checkpoint state are the same as for :meth:`train`.
+        """
         metrics: dict[str, float] = {}
-        if prompts:
-            metrics = self._backward(prompts, chosen, rejected)
+        if compute is not None:
+            metrics = self._backward(compute)
         self.micro_steps += 1
         if self.micro_steps % self.config.grad_accum == 0:
             metrics |= self._step()
@@ -127,20 +137,22 @@ class PairTrainer:
         metrics["nonfinite_skipped"] = float(self.nonfinite_total)
         return metrics
 
-    def _backward(self, prompts, chosen, rejected) -> dict[str, float]:
-        policy, beta = self.policy, self.config.beta
-        responses = [[c, r] for c, r in zip(chosen, rejected)]
-        ref, _ = policy.logprobs(prompts, responses, reference=True)
-        logp, tokens = policy.logprobs(prompts, responses)
-        losses, chosen_rewards, rejected_rewards = self.loss_fn(logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], beta)
-        loss = losses.mean()
+    def _backward(self, compute) -> dict[str, float]:
+        loss, metrics = compute()
         if not torch.isfinite(loss):
             self._nonfinite(f"loss {loss.item()}")
             return {}
         (loss / self.config.grad_accum).backward()
         self.nonfinite_run = 0
-        return {
-            "loss": loss.item(),
+        return {"loss": loss.item()} | metrics
+
+    def _pair_loss(self, prompts, chosen, rejected) -> tuple[torch.Tensor, dict[str, float]]:
+        policy, beta = self.policy, self.config.beta
+        responses = [[c, r] for c, r in zip(chosen, rejected)]
+        ref, _ = policy.logprobs(prompts, responses, reference=True)
+        logp, tokens = policy.logprobs(prompts, responses)
+        losses, chosen_rewards, rejected_rewards = self.loss_fn(logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], beta)
+        return losses.mean(), {
             "reward_margin": (chosen_rewards - rejected_rewards).mean().item(),
             "chosen_reward": chosen_rewards.mean().item(),
             "rejected_reward": rejected_rewards.mean().item(),

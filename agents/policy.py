@@ -142,6 +142,11 @@ class Policy:
             delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
             target.weight.copy_(weight + delta)
 
+    def judge_engine(self) -> JudgeEngine:
+        """An engine over the *current* policy for a judge (the ``self`` annotator family): with LoRA it runs on
+        the merged sampling copy, synced before every call, so judging needs no second model."""
+        return JudgeEngine(self)
+
     # -- tokenization -------------------------------------------------------------------------------
     def prompt_ids(self, prompt) -> list[int]:
         """Token ids of the rendered prompt (chat template + generation prompt), left-truncated as the engine does."""
@@ -205,6 +210,32 @@ class Policy:
                 load_model(self.model, str(path), strict=True)
             except RuntimeError as exc:
                 raise AlignEnvError(f"{folder}: the weights do not fit model {self.model_name!r}: {exc}") from exc
+
+
+class JudgeEngine:
+    """The engine a policy judges with: every model call first syncs the merged LoRA copy (when there is one)
+    and runs under the policy's precision; everything else (render, encode, tokenizer, ...) is the engine's."""
+
+    _CALLS = ("generate", "score", "next_token_logprobs")
+
+    def __init__(self, policy: Policy):
+        self._policy = policy
+
+    def _engine(self):
+        return self._policy._sampler_engine or self._policy.engine
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._engine(), name)
+        if name not in self._CALLS:
+            return attr
+
+        def call(*args, **kwargs):
+            if self._policy._sampler_engine is not None:
+                self._policy.sync_sampler()
+            with torch.no_grad(), autocast(self._policy.bf16):
+                return getattr(self._engine(), name)(*args, **kwargs)
+
+        return call
 
 
 def _left_pad(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

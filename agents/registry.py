@@ -2,7 +2,8 @@
 
 An agent is found, in this order, as
 
-1. a built-in name (:data:`AGENTS`: ``initial``, ``online-dpo``, ``offline-dpo``, ``best-of-n``, ``rlsf-ppo``);
+1. a built-in name (:data:`AGENTS`: ``initial``, ``online-dpo``, ``offline-dpo``, ``best-of-n``, ``sail``,
+   ``self-rewarding``, ``rlsf-ppo``);
 2. an entry point of the group ``align_env.agents`` (``name = "package.module:Class"`` in the plug-in's
    ``pyproject.toml``; a built-in name is never shadowed by a plug-in);
 3. a dotted spec ``"package.module:Class"`` given directly.
@@ -39,6 +40,7 @@ AGENTS: dict[str, str] = {
     "online-dpo": "agents.online_dpo:OnlineDPO",
     "offline-dpo": "agents.offline_dpo:OfflineDPO",
     "best-of-n": "agents.best_of_n:BestOfN",
+    "sail": "agents.sail:SAIL",
     "rlsf-ppo": "agents.rlsf:RLSFPPO",
 }
 

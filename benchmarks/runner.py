@@ -85,6 +85,17 @@ def finished_result(out_dir: Path, req: dict[str, Any]) -> dict[str, Any] | None
     return ckpt.read_json(res) | {"reused": True, "run_dir": str(out_dir)} if res.exists() else None
 
 
+def _bind_self(annotator: Any, agent: Any, track: str) -> Any:
+    """``--annotator self``: the judge is the agent's own current model (its ``policy``), bound here."""
+    from align_env.feedback import make_annotator, parse_spec
+
+    if not isinstance(annotator, str) or parse_spec(annotator).family != "self":
+        return annotator
+    from align_env.feedback.factories import bind_self
+
+    return bind_self(make_annotator(annotator, track=track), getattr(agent, "policy", None))
+
+
 def run_one(agent: str, track: str, annotator: str = "rules", *, steps: int | None = None,
             budget_prompts: int | None = None, budget_annotator_calls: int | None = None, num_envs: int = 8,
             seed: int = 0, out_dir: str | Path | None = None, checkpoint_every: int = 10, resume: bool = False,
@@ -108,6 +119,7 @@ def run_one(agent: str, track: str, annotator: str = "rules", *, steps: int | No
     policy = make_agent(agent, track=track, annotator=annotator, seed=seed, **overrides)
     # an agent may ask the env for a variant of the annotator (online-dpo's length control does)
     env_annotator = getattr(policy, "annotator_spec", None) or annotator
+    env_annotator = _bind_self(env_annotator, policy, track)
     env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point",
                        feedback=getattr(policy, "feedback", "pairwise"), annotator=env_annotator)
     try:

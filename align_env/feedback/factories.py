@@ -104,6 +104,24 @@ def self_judge(spec: AnnotatorSpec, track: str | None):
     return LLMJudge(None, _rubric(track), spec=str(spec), **params)
 
 
+def bind_self(annotator, policy):
+    """Bind an unbound ``self`` judge (or one inside a cache or pool) to ``policy``'s current model.
+
+    ``policy`` is anything with ``judge_engine()`` (:class:`agents.policy.Policy`). Other annotators are
+    returned as they are; a ``self`` judge with no policy to bind is a clear error.
+    """
+    from align_env.feedback.llm_judge import LLMJudge
+
+    targets = [annotator, getattr(annotator, "inner", None)] + list(getattr(annotator, "members", None) or [])
+    for target in targets:
+        if isinstance(target, LLMJudge) and target.engine is None:
+            if policy is None or not hasattr(policy, "judge_engine"):
+                raise AlignEnvError(f"annotator {target.spec!r} judges with the agent's own model, but this agent "
+                                    "has none; use another annotator family")
+            target.bind(policy.judge_engine())
+    return annotator
+
+
 def likelihood(spec: AnnotatorSpec, track: str | None):
     from align_env.feedback.likelihood import LikelihoodScorer
 
