@@ -271,6 +271,7 @@ class PPOTrainer:
         batch, stats = self.rollout(prompts, responses, scores)
         log: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction",
                                                        "value_clip_fraction", "approx_kl", "grad_norm")}
+        self._trained_tokens = 0
         n, size = len(prompts), min(self.s.minibatch_size, len(prompts))
         for _ in range(self.s.ppo_epochs):
             order = self.rng.permutation(n)
@@ -280,10 +281,12 @@ class PPOTrainer:
         self.rollouts += 1
         self.kl.update(stats["kl"], n)
         return stats | {k: float(np.mean(v)) for k, v in log.items() if v} | {
-            "ppo_optimizer_steps": float(self.optimizer_steps), "nonfinite_skipped": float(self.nonfinite_total)}
+            "ppo_optimizer_steps": float(self.optimizer_steps), "nonfinite_skipped": float(self.nonfinite_total),
+            "trained_tokens": float(self._trained_tokens)}
 
     def _minibatch(self, batch: Rollout, idx: list[int], log: dict[str, list[float]]) -> None:
         logp, values, entropy, _ = self._forward([batch.prompts[i] for i in idx], [batch.responses[i] for i in idx])
+        self._trained_tokens += sum(len(batch.prompts[i]) + len(batch.responses[i]) for i in idx)
         t = logp.shape[1]
         mask, old_logp = batch.mask[idx, :t], batch.old_logp[idx, :t]
         pg, clipfrac = policy_loss(logp, old_logp, batch.advantages[idx, :t], mask, self.s.clip_range)

@@ -126,6 +126,8 @@ def test_ppo_moves_the_policy_toward_a_rewarded_property_with_bounded_kl(eos_lm_
     assert np.mean(scores[-3:]) > np.mean(scores[:3])
     assert max(abs(k) for k in kls) < 10.0, kls  # summed per-sequence KL in nats, to the initial policy
     assert trainer.optimizer_steps == 12 * 2 * 2
+    tokens = sum(len(policy.prompt_ids(m)) for m in prompts) + metrics["response_tokens"]
+    assert metrics["trained_tokens"] == 2 * tokens  # every sequence once per epoch
 
 
 def test_ppo_state_round_trips_and_rejects_broken_scores(eos_lm_dir, tmp_path):

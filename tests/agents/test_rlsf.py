@@ -180,3 +180,16 @@ def test_a_reward_model_that_outputs_nan_stops_ppo_with_a_clear_error(config):
     with pytest.raises(RewardModelNaNError, match="non-finite scores.*the last checkpoint is kept"):
         agent.update(Transitions.from_vector_step(action, rewards, infos))
     assert agent.trainer.optimizer_steps == 0  # nothing was trained on the broken scores
+
+
+def test_multi_turn_self_play_keeps_one_demonstration_per_assistant_turn(config):
+    agent = make_agent("rlsf-ppo", track=TRACK, seed=0, **(config | {"rmsp_turns": 2}))
+    agent.prepare()
+    demos = json.loads((Path(config["work_dir"]) / "rmsp" / "demonstrations.json").read_text())
+    assert len(demos) == 4 * 2 and agent.summary["rmsp"]["demonstrations"] == 8
+    first, second = demos[:4], demos[4:]
+    for a, b in zip(first, second):
+        # turn 2 continues turn 1's dialogue: its kept answer, then a simulated user turn
+        assert b["messages"][: len(a["messages"])] == a["messages"]
+        assert b["messages"][len(a["messages"])] == {"role": "assistant", "content": a["response"]}
+        assert b["messages"][-1]["role"] == "user" and b["messages"][-1]["content"]
