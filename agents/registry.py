@@ -41,6 +41,7 @@ AGENTS: dict[str, str] = {
     "offline-dpo": "agents.offline_dpo:OfflineDPO",
     "best-of-n": "agents.best_of_n:BestOfN",
     "sail": "agents.sail:SAIL",
+    "self-rewarding": "agents.self_rewarding:SelfRewarding",
 }
 
 
