@@ -137,6 +137,13 @@ class PairTrainer:
         metrics["nonfinite_skipped"] = float(self.nonfinite_total)
         return metrics
 
+    def flush(self) -> dict[str, float]:
+        """Step on the gradients of an unfinished accumulation cycle now (before the reference changes)."""
+        if self.micro_steps % self.config.grad_accum == 0:
+            return {}
+        self.micro_steps += self.config.grad_accum - self.micro_steps % self.config.grad_accum
+        return self._step()
+
     def _backward(self, compute) -> dict[str, float]:
         loss, metrics = compute()
         if not torch.isfinite(loss):

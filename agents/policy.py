@@ -142,6 +142,54 @@ class Policy:
             delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
             target.weight.copy_(weight + delta)
 
+    # -- a new reference (iterated DPO: M_t becomes the reference of M_{t+1}) ------------------------
+    @torch.no_grad()
+    def merge_adapters(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Make the current policy the reference: fold the adapters into the base weights (``W += scale * B A``)
+        and zero ``B``, so the policy is unchanged and "adapters disabled" is now this policy. Full fine-tuning
+        copies the weights into the frozen reference. Returns the adapters that were folded in (LoRA), to replay
+        them on a fresh copy of the base weights with ``merge_adapters(state)`` (checkpoints); ``state`` given
+        sets the adapters to it first."""
+        if self.lora is None:
+            self.reference.load_state_dict(self.model.state_dict())
+            return {}
+        from peft.tuners.lora import LoraLayer
+
+        folded: dict[str, torch.Tensor] = {}
+        for name, module in self.model.named_modules():
+            if not isinstance(module, LoraLayer) or not module.active_adapters:
+                continue
+            names = [a for a in module.active_adapters if a in module.lora_A]
+            for a in names:
+                for part, table in (("A", module.lora_A), ("B", module.lora_B)):
+                    key = f"{name}.{a}.{part}"
+                    if state is not None:
+                        table[a].weight.copy_(state[key])
+                    folded[key] = table[a].weight.detach().clone()
+            module.get_base_layer().weight.add_(sum(module.get_delta_weight(a) for a in names))
+            for a in names:
+                module.lora_B[a].weight.zero_()
+        return folded
+
+    @torch.no_grad()
+    def reset_reference(self) -> None:
+        """Put the initial weights back as the reference (LoRA: the base weights; full: the frozen copy), read
+        again from the model's source, before replaying folded adapters (:meth:`merge_adapters`)."""
+        from align_env.models import load_causal_lm
+
+        initial = dict(load_causal_lm(self.model_name)[0].named_parameters())
+        if self.lora is None:
+            for name, param in self.reference.named_parameters():
+                param.copy_(initial[name])
+            return
+        from peft.tuners.lora import LoraLayer
+
+        prefix = "base_model.model."
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer):
+                plain = name[len(prefix):] if name.startswith(prefix) else name
+                module.get_base_layer().weight.copy_(initial[f"{plain}.weight"])
+
     def judge_engine(self) -> JudgeEngine:
         """An engine over the *current* policy for a judge (the ``self`` annotator family): with LoRA it runs on
         the merged sampling copy, synced before every call, so judging needs no second model."""

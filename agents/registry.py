@@ -42,6 +42,7 @@ AGENTS: dict[str, str] = {
     "best-of-n": "agents.best_of_n:BestOfN",
     "sail": "agents.sail:SAIL",
     "rlsf-ppo": "agents.rlsf:RLSFPPO",
+    "self-rewarding": "agents.self_rewarding:SelfRewarding",
 }
 
 

@@ -220,12 +220,16 @@ class LLMJudge:
             self.last_details.append({"parsed": parsed, "unparsed": parsed.count(None)})
         return out
 
+    def expected_context(self, context: list[dict]) -> str:
+        """The text ``pointwise="expected"`` reads the score after: the pointwise prompt asking for the total
+        score only, rendered, then "Score: " (the answer's first token is the digit)."""
+        primed = context[:-1] + [{"role": "user", "content": context[-1]["content"].rsplit("After examining", 1)[0]
+                                  + 'Reply with the total score only, as "Score: <total points>".'}]
+        return self._engine().render(primed) + "Score: "
+
     def _expected_scores(self, contexts: list[list[dict]]) -> list[Verdict]:
         engine = self._engine()
-        # Ask for the score directly after the rubric: the answer's first token is the digit.
-        primed = [c[:-1] + [{"role": "user", "content": c[-1]["content"].rsplit("After examining", 1)[0]
-                             + 'Reply with the total score only, as "Score: <total points>".'}] for c in contexts]
-        rendered = [engine.render(p) + "Score: " for p in primed]
+        rendered = [self.expected_context(c) for c in contexts]
         digits = [str(d) for d in range(6)]
         self._count_tokens(rendered)
         rows = engine.next_token_logprobs(rendered, digits)

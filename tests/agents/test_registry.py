@@ -14,7 +14,7 @@ from tests.agents.helpers import WordsAgent
 
 
 def test_builtin_names_resolve_to_classes_with_a_documented_config():
-    assert set(AGENTS) == {"initial", "online-dpo", "offline-dpo", "best-of-n", "rlsf-ppo", "sail"}
+    assert set(AGENTS) == {"initial", "online-dpo", "offline-dpo", "best-of-n", "rlsf-ppo", "sail", "self-rewarding"}
     for name in AGENTS:
         cls = resolve_agent(name)
         assert cls.name == name and dataclasses.is_dataclass(cls.Config)
@@ -26,7 +26,7 @@ def test_builtin_names_resolve_to_classes_with_a_documented_config():
 def test_unknown_agent_suggests_close_names():
     with pytest.raises(UnknownNameError, match=r"unknown agent 'onlne-dpo'\. Did you mean 'online-dpo'"):
         resolve_agent("onlne-dpo")
-    with pytest.raises(UnknownNameError, match="Known: best-of-n, initial, offline-dpo, online-dpo, rlsf-ppo, sail"):
+    with pytest.raises(UnknownNameError, match="Known: best-of-n, initial, offline-dpo, online-dpo, rlsf-ppo, sail, self-rewarding"):
         make_agent("ppo", track="helpful")
 
 
