@@ -3,8 +3,9 @@
 Embedded models ship as GGUF files inside PyPI packages (no hub needed). transformers dequantizes a GGUF
 (25-60 s here), so the first use converts it once to safetensors under the cache folder
 (``$ALIGN_ENV_CACHE``, default ``~/.cache/align-env``); later loads read the safetensors (under a second).
-A cache entry is checked against its manifest (file sizes, safetensors header, tail digest) and rebuilt,
-never trusted, when it does not match. Any hub id or local directory works wherever a name is taken.
+A cache entry is checked against its manifest (every file's size and SHA-256, safetensors headers, JSON
+files that parse) and rebuilt, never trusted, when it does not match; a file where the entry's folder should
+be is replaced too. Any hub id or local directory works wherever a name is taken.
 """
 
 from __future__ import annotations
@@ -192,32 +193,113 @@ def _tail_digest(path: Path, nbytes: int = 1 << 20) -> str:
         return hashlib.sha256(fh.read()).hexdigest()
 
 
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+# Files verified in this process, by (path, size, mtime_ns, inode): a full digest is computed once per process
+# per unchanged file (about 0.5 s per GB), not at every load.
+_VERIFIED: dict[tuple, str] = {}
+
+
+def _digest_cached(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = _file_digest(path)
+    return _VERIFIED[key]
+
+
+def _entry_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
 def _describe(folder: Path) -> dict:
-    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
-    tails = {n: _tail_digest(folder / n) for n in files if n.endswith(".safetensors")}
-    return {"format": MANIFEST_FORMAT, "files": files, "tails": tails}
+    """The manifest of a cache entry: every file's size and SHA-256 (and, for older readers, safetensors tails)."""
+    names = _entry_files(folder)
+    files = {n: (folder / n).stat().st_size for n in names}
+    tails = {n: _tail_digest(folder / n) for n in names if n.endswith(".safetensors")}
+    return {"format": MANIFEST_FORMAT, "files": files, "tails": tails,
+            "sha256": {n: _digest_cached(folder / n) for n in names}}
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def manifest_digest(folder: Path) -> str | None:
+    """A digest of a verified cache entry's manifest (the identity of its weights), or None when it does not verify."""
+    if not cache_entry_ok(folder):
+        return None
+    return hashlib.sha256((Path(folder) / MANIFEST).read_bytes()).hexdigest()
 
 
 def cache_entry_ok(folder: Path) -> bool:
-    """True when ``folder`` matches its manifest: sizes, safetensors headers and tail digests."""
+    """True when ``folder`` matches its manifest: every file's size and SHA-256, readable safetensors headers,
+    valid JSON in the JSON files (``config.json``, ``tokenizer.json``...).
+
+    An entry written before digests were recorded is checked by sizes and safetensors tails, then its digests
+    are added to the manifest (so from then on a flipped byte anywhere is caught).
+    """
+    folder = Path(folder)
     try:
+        if not folder.is_dir() or not (folder / MANIFEST).is_file():
+            return False
         manifest = json.loads((folder / MANIFEST).read_text())
-        if manifest.get("format") != MANIFEST_FORMAT:
+        if manifest.get("format") != MANIFEST_FORMAT or not manifest["tails"]:
             return False
         for name, size in manifest["files"].items():
-            if (folder / name).stat().st_size != size:
+            path = folder / name
+            if not path.is_file() or path.stat().st_size != size:
                 return False
+        digests = manifest.get("sha256")
+        if digests is not None:
+            if set(digests) != set(manifest["files"]):
+                return False
+            if any(_digest_cached(folder / n) != d for n, d in digests.items()):
+                return False
+        else:
+            for name, tail in manifest["tails"].items():
+                if _tail_digest(folder / name) != tail:
+                    return False
         from safetensors import safe_open
 
-        for name, tail in manifest["tails"].items():
+        for name in manifest["tails"]:
             with safe_open(str(folder / name), framework="pt") as fh:
                 if not list(fh.keys()):
                     return False
-            if _tail_digest(folder / name) != tail:
-                return False
-        return bool(manifest["tails"])
-    except (OSError, ValueError, KeyError, json.JSONDecodeError, Exception):
+        for name in manifest["files"]:
+            if name.endswith(".json"):
+                json.loads((folder / name).read_text(encoding="utf-8"))
+        if digests is None:  # an older entry that passed: record its digests now
+            _write_manifest(folder, manifest | {"sha256": {n: _digest_cached(folder / n) for n in manifest["files"]}})
+        return True
+    except Exception:  # any unreadable, undecodable or partial entry is rebuilt, never trusted
         return False
+
+
+def _clear_for_entry(target: Path) -> None:
+    """Make room for a cache entry at ``target``: remove what is there (a damaged folder, or a file where the
+    folder should be), and make sure its parent is a folder (a file there is set aside, with a warning)."""
+    import warnings
+
+    parent = target.parent
+    if parent.exists() and not parent.is_dir():
+        aside = parent.with_name(f"{parent.name}.not-a-folder-{os.getpid()}")
+        os.replace(parent, aside)
+        warnings.warn(f"{parent} was a file where the model cache folder should be; moved it to {aside}",
+                      RuntimeWarning, stacklevel=3)
+    parent.mkdir(parents=True, exist_ok=True)
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
 
 
 def _save_dequantized(model, folder: Path) -> None:
@@ -251,8 +333,7 @@ def convert_gguf(gguf: Path, target: Path, *, chat: bool) -> Path:
     tokenizer.save_pretrained(tmp)
     manifest = _describe(tmp) | {"source": str(gguf), "source_size": gguf.stat().st_size, "chat": chat}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if target.exists():
-        shutil.rmtree(target)
+    _clear_for_entry(target)
     os.replace(tmp, target)
     return target
 
@@ -272,7 +353,7 @@ def prepare(name: str) -> Path:
     target = cache_dir() / "models" / name
     if cache_entry_ok(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _clear_for_entry(target)
     return convert_gguf(entry.gguf(), target, chat=entry.chat)
 
 
@@ -294,14 +375,13 @@ def prepare_embedder(name: str) -> Path:
     if cache_entry_ok(target):
         return target
     archive = _package_dir(package, module) / zip_name
+    _clear_for_entry(target)
     tmp = target.parent / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     with zipfile.ZipFile(archive) as zf:
         zf.extractall(tmp)
     (tmp / MANIFEST).write_text(json.dumps(_describe(tmp) | {"source": str(archive)}, indent=1))
-    if target.exists():
-        shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _clear_for_entry(target)
     os.replace(tmp, target)
     return target
 
@@ -318,6 +398,32 @@ def resolve(name_or_path: str) -> str:
         return name_or_path  # a hub id: transformers fetches it (needs network and a hub)
     raise did_you_mean("model (catalogue name, local folder or hub id 'org/name')", name_or_path,
                        list(CATALOGUE) + list(EMBEDDERS))
+
+
+def weights_identity(name_or_path: str | None) -> str:
+    """What identifies the weights behind a model name, for cache keys: the digest of a verified cache entry's
+    manifest (catalogue models, a local folder with a manifest); for another local folder a digest of its files'
+    names, sizes and modification times and of the content of its small files (configs, tokenizer); a hub id or
+    a server's model name as it is. Replacing the weights behind a name changes it."""
+    if not name_or_path:
+        return ""
+    name = str(name_or_path)
+    if name in CATALOGUE or name in EMBEDDERS:
+        digest = manifest_digest(cache_dir() / "models" / name)
+        return f"manifest:{digest}" if digest else f"unprepared:{name}"
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if (folder / MANIFEST).is_file() and (digest := manifest_digest(folder)):
+            return f"manifest:{digest}"
+        h = hashlib.sha256()
+        for rel in _entry_files(folder):
+            path = folder / rel
+            st = path.stat()
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0".encode("utf-8", "surrogatepass"))
+            if st.st_size <= 4 << 20:
+                h.update(_digest_cached(path).encode())
+        return f"files:{h.hexdigest()}"
+    return f"name:{name}"
 
 
 def parameter_count(name_or_path: str) -> int | None:

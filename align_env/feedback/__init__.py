@@ -97,6 +97,10 @@ def _with_cache(annotator, parsed: AnnotatorSpec):
     else:
         store = JudgementStore(mode)
     key_spec = str(AnnotatorSpec(parsed.family, parsed.model, {k: v for k, v in parsed.params.items() if k != "cache"}))
+    if parsed.model:  # the weights behind the name are part of the key: replaced weights never get old verdicts
+        from align_env.models import weights_identity
+
+        key_spec += f"#weights={weights_identity(parsed.model)}"
     return CachedAnnotator(annotator, store, key_spec)
 
 

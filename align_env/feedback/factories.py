@@ -23,8 +23,9 @@ def check_params(spec: AnnotatorSpec, cls) -> None:
 def rules(spec: AnnotatorSpec, track: str | None):
     from align_env.feedback.rules import RulesAnnotator
 
-    check_params(spec, RulesAnnotator)
-    return RulesAnnotator(track or "helpful", spec=str(spec), **spec.params)
+    params = {k: v for k, v in spec.params.items() if k != "cache"}
+    check_params(AnnotatorSpec(spec.family, spec.model, params), RulesAnnotator)
+    return RulesAnnotator(track or "helpful", spec=str(spec), **params)
 
 
 ENGINE_PARAMS = ("engine", "base_url", "batch_size", "dtype")
