@@ -48,7 +48,7 @@ def test_run_end_to_end_in_its_default_folder_and_a_rerun_reuses_it(tiny_lm_dir,
     (["--set", "temprature=0.5"], "no config field 'temprature'. Did you mean 'temperature'"),
     (["--set", "max_new_tokens=many"], "max_new_tokens' expects int"),
     (["--set", "oops"], "--set expects key=value"),
-    (["--steps", "0"], "budget steps must be a positive integer"),
+    (["--steps", "0"], "argument --steps: expected a positive integer"),
     (["--budget-prompts", "1"], "smaller than one batch"),
 ])
 def test_bad_input_gets_a_clear_error(argv, message, tmp_path, capsys):
