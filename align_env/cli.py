@@ -292,9 +292,9 @@ def _agent(text: str) -> str:
 
 
 def _cmd_curves(args) -> int:
-    from benchmarks.curves import DEFAULT_METRICS, report
+    from benchmarks.curves import report
 
-    _show(report(args.run_dir, args.metrics or DEFAULT_METRICS, args.windows, png=not args.no_plot))
+    _show(report(args.run_dir, args.metrics, args.windows, png=not args.no_plot))
     return 0
 
 
