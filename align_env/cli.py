@@ -197,34 +197,38 @@ def _temperature(text: str) -> float:
     return value
 
 
-def _path(text: str) -> Path:
-    """A usable path text: not empty, no NUL, and no existing file among its parent folders."""
+def _kind(path: Path, text: str) -> str:
+    """``"missing"``, ``"folder"`` or ``"file"``; a path the system refuses (too long, no permission) is an error."""
+    try:
+        return "folder" if path.is_dir() else "file" if path.exists() else "missing"
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot use {neutralize(repr(text))}: {exc.strerror or exc}") from None
+
+
+def _path(text: str) -> tuple[Path, str]:
+    """``(path, kind)`` of a usable path text: not empty, no NUL, no existing file among its parent folders."""
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a path, got an empty string")
     if "\x00" in text:
         raise argparse.ArgumentTypeError(f"a path cannot contain a NUL character: {neutralize(repr(text))}")
     path = Path(text).expanduser()
-    try:
-        blocked = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    except OSError as exc:
-        raise argparse.ArgumentTypeError(f"cannot use {neutralize(repr(text))}: {exc.strerror or exc}") from None
+    blocked = next((p for p in path.parents if _kind(p, text) == "file"), None)
     if blocked is not None:
         raise argparse.ArgumentTypeError(f"{neutralize(text)} is inside {neutralize(blocked)}, which is a file")
-    return path
+    return path, _kind(path, text)
 
 
 def _out_dir(text: str) -> str:
     """An output folder: absent (it is created) or an existing folder, never a file."""
-    path = _path(text)
-    if path.exists() and not path.is_dir():
+    if _path(text)[1] == "file":
         raise argparse.ArgumentTypeError(f"{neutralize(text)} is an existing file, not a folder")
     return text
 
 
 def _out_file(text: str) -> str:
     """An output file: absent or an existing file, never a folder."""
-    path = _path(text)
-    if path.is_dir():
+    path, kind = _path(text)
+    if kind == "folder":
         raise argparse.ArgumentTypeError(f"{neutralize(text)} is a folder; give a file name such as "
                                          f"{neutralize(path / 'eval.md')}")
     return text
@@ -232,10 +236,10 @@ def _out_file(text: str) -> str:
 
 def _run_dir(text: str) -> str:
     """An existing run folder."""
-    path = _path(text)
-    if not path.exists():
+    kind = _path(text)[1]
+    if kind == "missing":
         raise argparse.ArgumentTypeError(f"no such run folder: {neutralize(text)}")
-    if not path.is_dir():
+    if kind == "file":
         raise argparse.ArgumentTypeError(f"{neutralize(text)} is a file, not a run folder")
     return text
 
@@ -244,7 +248,11 @@ def _policy(text: str) -> str:
     """A run folder (it must exist) or an agent spec (checked when the evaluation resolves it)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a run folder or an agent name, got an empty string")
-    if "/" in text.split("?")[0] or text.startswith((".", "~")) or Path(text).exists():
+    try:
+        exists = "\x00" not in text and Path(text).exists()
+    except OSError:  # e.g. a long agent spec: too long for a file name
+        exists = False
+    if exists or "/" in text.split("?")[0] or text.startswith((".", "~")):
         return _run_dir(text)
     return text
 
