@@ -276,15 +276,21 @@ def _track(text: str) -> str:
 
 
 def _annotator(text: str) -> str:
-    """An annotator spec whose syntax and family are known (its model is checked when it loads)."""
-    from align_env.feedback import families, parse_spec
+    """An annotator spec whose syntax and family are known and whose model is given where the family needs one;
+    a ``rules`` spec is built (it loads nothing), so its parameters are checked too. Models are checked when
+    they load."""
+    from align_env.feedback import MODEL_FREE, NEEDS_MODEL, families, make_annotator, parse_spec
 
     try:
-        family = parse_spec(text).family
+        spec = parse_spec(text)
+        if spec.family not in (known := families()):
+            raise did_you_mean("annotator family", spec.family, known)
+        if spec.family in MODEL_FREE and spec.model or spec.family in NEEDS_MODEL and not spec.model:
+            make_annotator(spec)  # raises the library's error for the combination
+        if spec.family == "rules":
+            make_annotator(spec)
     except AlignEnvError as exc:
         raise _argument_error(exc) from None
-    if family not in (known := families()):
-        raise _argument_error(did_you_mean("annotator family", family, known))
     return text
 
 
