@@ -29,7 +29,7 @@ from align_env.redaction import neutralize
 pytestmark = pytest.mark.timeout(120)
 
 SEED = 20261203
-CASES = 1500
+CASES = 2000
 RAW = ("\x1b", "\x07", "\r", "\x00", "\x9b", "\x08")  # must never reach the terminal as they are
 EVIL = "ok \x1b[2J\x1b]0;pwned\x07 then\rover"
 
