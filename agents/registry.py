@@ -64,7 +64,8 @@ def _import(target: str, name: str) -> type:
     except ModuleNotFoundError as exc:
         raise AlignEnvError(f"agent {name!r}: cannot import module {module!r} ({exc})") from exc
     except Exception as exc:  # a plug-in module that fails on import: say which, no traceback
-        raise AlignEnvError(f"agent {name!r}: importing module {module!r} failed ({type(exc).__name__}: {exc})") from exc
+        raise AlignEnvError(f"agent {name!r}: importing module {module!r} failed "
+                            f"({type(exc).__name__}: {exc})") from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
             public = [a for a in dir(obj) if not a.startswith("_")]

@@ -43,7 +43,8 @@ def _cmd_tracks(args) -> int:
         return 0
     for r in rows:
         sizes = ", ".join(f"{k} {v}" for k, v in r["sizes"].items())
-        _show(f"{r['id']:<14} hash {r['hash']}  {sizes}\n  {r['description']}\n  embedded in the package; hub: {r['hub']}")
+        _show(f"{r['id']:<14} hash {r['hash']}  {sizes}\n  {r['description']}\n"
+              f"  embedded in the package; hub: {r['hub']}")
     return 0
 
 
@@ -324,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     demo = sub.add_parser("demo", help="a short demonstration on the embedded defaults (the default command)")
-    demo.add_argument("--policy", type=_nonempty, default="smollm2-135m", help="policy model: catalogue name, folder or hub id")
+    demo.add_argument("--policy", type=_nonempty, default="smollm2-135m",
+                      help="policy model: catalogue name, folder or hub id")
     demo.add_argument("--annotator", type=_annotator, default="rules", help="annotator spec '<model>:<family>[?k=v]'")
     demo.add_argument("--episodes", type=_positive_int, default=3, help="prompts per track")
     demo.add_argument("--seed", type=_seed, default=0)
@@ -349,13 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("--source", default="embedded", choices=["embedded", "hub"])
     ann.add_argument("--max-pairs", type=_positive_int, default=None, help="the first N labelled pairs only")
     ann.add_argument("--seed", type=_seed, default=0, help="seeds which pairs show the chosen response first")
-    ann.add_argument("--out", type=_out_dir, default="annotator-eval", help="output folder (finished results are reused)")
-    ann.add_argument("--write-ranking", type=_out_file, default=None, metavar="PATH", help="also write the per-track ranking "
+    ann.add_argument("--out", type=_out_dir, default="annotator-eval",
+                     help="output folder (finished results are reused)")
+    ann.add_argument("--write-ranking", type=_out_file, default=None, metavar="PATH",
+                     help="also write the per-track ranking "
                      "(chosen on the selection half) of every result in --out, e.g. align_env/feedback/ranking.json")
     ann.set_defaults(func=_cmd_annotators)
 
     run = sub.add_parser("run", help="one training run: an agent on a track, judged by an annotator")
-    run.add_argument("--agent", type=_agent, required=True, help="agent name (online-dpo, offline-dpo, best-of-n, initial), "
+    run.add_argument("--agent", type=_agent, required=True,
+                     help="agent name (online-dpo, offline-dpo, best-of-n, initial), "
                      "a plug-in name or 'module:Class'")
     run.add_argument("--track", type=_track, required=True, help="summarize, helpful or harmless")
     run.add_argument("--annotator", type=_annotator, default="rules", help="annotator spec '<model>:<family>[?k=v]'")
@@ -365,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="budget in annotator calls (stops at the first step that reaches it)")
     run.add_argument("--num-envs", type=_positive_int, default=8, help="prompts per step (the batch)")
     run.add_argument("--seed", type=_seed, default=0)
-    run.add_argument("--out", type=_out_dir, default=None, help="run folder (default: runs/<agent>-<track>-s<seed>-<hash of the "
+    run.add_argument("--out", type=_out_dir, default=None,
+                     help="run folder (default: runs/<agent>-<track>-s<seed>-<hash of the "
                      "config>, so the same command finds the same folder)")
     run.add_argument("--checkpoint-every", type=_positive_int, default=10, help="steps between checkpoints")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -378,9 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "Bradley-Terry ratings, gold checks and cost, kept in a results store")
     ev.add_argument("policies", nargs="+", type=_policy, help="finished run folders, or untrained agents: 'initial', "
                     "'best-of-n?n=4&judge=minilm-l6:embedding'")
-    ev.add_argument("--reference", type=_policy, default="initial", help="the policy every answer is compared with (default: the "
+    ev.add_argument("--reference", type=_policy, default="initial",
+                    help="the policy every answer is compared with (default: the "
                     "untrained initial policy; a run folder works too)")
-    ev.add_argument("--evaluator", type=_annotator, default=None, help="annotator spec of the judge (default: the best measured "
+    ev.add_argument("--evaluator", type=_annotator, default=None,
+                    help="annotator spec of the judge (default: the best measured "
                     "annotator of the track that is not a training annotator of the policies)")
     ev.add_argument("--track", type=_track, default=None, help="needed when no run folder is given")
     ev.add_argument("--split", default="eval", choices=["eval", "train"],
@@ -389,9 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=_positive_int, default=None,
                     help="answer length cap (default: the runs' max_new_tokens)")
     ev.add_argument("--temperature", type=_temperature, default=0.0, help="decoding temperature (default 0: greedy)")
-    ev.add_argument("--store", type=_out_file, default="results.sqlite", help="the results store (SQLite file; created if absent)")
+    ev.add_argument("--store", type=_out_file, default="results.sqlite",
+                    help="the results store (SQLite file; created if absent)")
     ev.add_argument("--seed", type=_seed, default=0, help="seeds the bootstrap and any sampled decoding")
-    ev.add_argument("--out", type=_out_file, default=None, help="also write the tables to this Markdown file (and .json beside it)")
+    ev.add_argument("--out", type=_out_file, default=None,
+                    help="also write the tables to this Markdown file (and .json beside it)")
     ev.set_defaults(func=_cmd_eval)
 
     curves = sub.add_parser("curves", help="a run's learning curves: windowed means of its metrics, and a plot")
