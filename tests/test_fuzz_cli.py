@@ -77,6 +77,8 @@ BASES = {
     "eval": (["--track", "helpful", "--max-items", "2", "--store", "r.sqlite"], ["best-of-n?n=2"]),
     "curves": (["--no-plot"], ["rundir"]),
     "models": ([], ["prepare", "smollm2-135m"]),
+    "envs": (["--json"], []),
+    "tracks": (["--json"], []),
 }
 ARGS = {  # (command, flag or positional name) -> kind of value
     ("run", "--agent"): "agent", ("run", "--track"): "track", ("run", "--annotator"): "annotator",
@@ -255,6 +257,8 @@ def semantic_case(rng: random.Random) -> tuple[list[str], list[str]]:
         (["curves", "rundir", "--no-plot", "--metrics", "los"], ["metric 'los'"]),
         (["curves", "rundir", "--no-plot", "--metrics", "loss", _junk(rng) + "\x1b"], ["metric"]),
         (["curves", "adir"], ["metrics.jsonl"]),
+        (["envs", "--json", _junk(rng).replace(" ", "") + "Q"], ["unrecognized arguments"]),
+        (["tracks", "--json=" + _junk(rng)], ["--json"]),
         ([_junk(rng).replace(" ", "") + "Q"], ["command"]),
     ]
     return rng.choice(cases)
