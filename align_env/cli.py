@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -219,19 +220,30 @@ def _path(text: str) -> tuple[Path, str]:
     return path, _kind(path, text)
 
 
+def _writable(path: Path, text: str) -> None:
+    """The nearest existing folder at or above ``path`` lets this user create files."""
+    folder = next(p for p in [path, *path.parents] if _kind(p, text) == "folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {neutralize(text)}: no permission to write in "
+                                         f"{neutralize(folder)}")
+
+
 def _out_dir(text: str) -> str:
-    """An output folder: absent (it is created) or an existing folder, never a file."""
-    if _path(text)[1] == "file":
+    """An output folder: absent (it is created) or an existing folder, never a file; writable."""
+    path, kind = _path(text)
+    if kind == "file":
         raise argparse.ArgumentTypeError(f"{neutralize(text)} is an existing file, not a folder")
+    _writable(path, text)
     return text
 
 
 def _out_file(text: str) -> str:
-    """An output file: absent or an existing file, never a folder."""
+    """An output file: absent or an existing file, never a folder; in a writable folder."""
     path, kind = _path(text)
     if kind == "folder":
         raise argparse.ArgumentTypeError(f"{neutralize(text)} is a folder; give a file name such as "
                                          f"{neutralize(path / 'eval.md')}")
+    _writable(path.parent, text)
     return text
 
 

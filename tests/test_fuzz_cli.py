@@ -337,6 +337,16 @@ def test_each_kind_of_bad_argument_is_named(sandbox, argv, message):
     assert code == 2 and message in err, err
 
 
+def test_an_output_path_in_a_folder_without_write_permission_is_refused(sandbox, monkeypatch):
+    monkeypatch.setattr("os.access", lambda path, mode: Path(path).resolve() != (sandbox / "adir").resolve())
+    for argv, message in [(["run", "--agent", "initial", "--track", "helpful", "--steps", "1", "--out", "adir/a/b"],
+                           "argument --out: cannot write adir/a/b: no permission to write in adir"),
+                          (["eval", "initial", "--track", "helpful", "--store", "adir/r.sqlite"],
+                           "argument --store: cannot write adir/r.sqlite")]:
+        code, out, err = run_case(argv)
+        assert code == 2 and message in err, err
+
+
 @pytest.mark.parametrize("argv", [
     ["run", "--agent", "initial", "--track", "helpful", "--steps", "-1"],
     ["curves", "/no/such/run/folder"],
