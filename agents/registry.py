@@ -63,11 +63,29 @@ def _import(target: str, name: str) -> type:
         obj = importlib.import_module(module)
     except ModuleNotFoundError as exc:
         raise AlignEnvError(f"agent {name!r}: cannot import module {module!r} ({exc})") from exc
+    except Exception as exc:  # a plug-in module that fails on import: say which, no traceback
+        raise AlignEnvError(f"agent {name!r}: importing module {module!r} failed "
+                            f"({type(exc).__name__}: {exc})") from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
             public = [a for a in dir(obj) if not a.startswith("_")]
             raise did_you_mean(f"attribute of {module}", part, public)
         obj = getattr(obj, part)
+    return check_agent_class(obj, name)
+
+
+AGENT_METHODS = ("act", "update", "save", "load")
+
+
+def check_agent_class(obj: Any, name: str) -> type:
+    """``obj`` if it is a class with the protocol's methods; otherwise an error that says what it is."""
+    if not isinstance(obj, type):
+        kind = "a module" if isinstance(obj, types.ModuleType) else f"a {type(obj).__name__}"
+        raise AlignEnvError(f"agent {name!r} is {kind}, not an agent class (a class with {', '.join(AGENT_METHODS)})")
+    missing = [m for m in AGENT_METHODS if not callable(getattr(obj, m, None))]
+    if missing:
+        raise AlignEnvError(f"agent {name!r}: class {obj.__qualname__} is not an agent class; it has no "
+                            f"{', '.join(missing)} (see agents/protocol.py)")
     return obj
 
 

@@ -8,11 +8,13 @@ import time
 
 import gymnasium as gym
 
+from align_env.redaction import neutralize
 from align_env.registration import ENV_IDS
 
 
 def _clip(text: str, width: int) -> str:
-    one_line = " ".join(text.split())
+    """One line of at most ``width`` characters, control and escape sequences neutralised."""
+    one_line = " ".join(neutralize(text).split())
     return one_line if len(one_line) <= width else one_line[: width - 1] + "…"
 
 
@@ -28,7 +30,7 @@ def run_demo(policy: str = "smollm2-135m", annotator: str = "rules", episodes: i
     for env_id in ENV_IDS:  # a bad annotator spec fails before the policy loads
         make_annotator(annotator, track=gym.spec(env_id).kwargs["track"])
     start = time.perf_counter()
-    print(f"loading policy {policy} ...", flush=True)
+    print(neutralize(f"loading policy {policy} ..."), flush=True)
     engine = TransformersEngine.from_name(policy)
     print(f"  loaded in {time.perf_counter() - start:.1f}s", flush=True)
     rows = []
@@ -48,7 +50,7 @@ def run_demo(policy: str = "smollm2-135m", annotator: str = "rules", episodes: i
         tqdm.write(f"{env_id}: {cost.calls} judgements, {cost.seconds:.3f}s of feedback")
         envs.close()
     _print_table(rows)
-    print(f"done in {time.perf_counter() - start:.1f}s ({len(rows)} pairs judged by {annotator!r})")
+    print(neutralize(f"done in {time.perf_counter() - start:.1f}s ({len(rows)} pairs judged by {annotator!r})"))
     return rows
 
 

@@ -8,24 +8,60 @@ windows smooth the per-step noise of small batches (8 pairs per step on CPU).
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
-from align_env.errors import AlignEnvError
+from align_env.errors import AlignEnvError, did_you_mean
+from align_env.redaction import neutralize
 from benchmarks import run_log
 
 DEFAULT_METRICS = ("reward_margin", "reward_accuracy", "loss", "implicit_kl", "reward_mean", "response_length",
                    "pairs_used", "wall_seconds")
 
 
-def load(run_dir: str | Path) -> list[dict[str, Any]]:
+def load(run_dir: str | Path, warn=None) -> list[dict[str, Any]]:
+    """The log's valid records, in step order. Malformed lines (not JSON, not an object, no positive integer
+    ``step``, a step seen before) are left out and reported with their line numbers through ``warn`` (default:
+    standard error); a torn last line (a run writing or killed mid-line) is left out silently."""
     path = Path(run_dir) / run_log.METRICS_FILE
     if not path.is_file():
         raise AlignEnvError(f"{run_dir} holds no {run_log.METRICS_FILE}: is it a run folder of `align-env run`?")
-    records = run_log.read(path)
+    records, problems = _valid(*run_log.scan(path))
+    if problems:
+        (warn or _warn)(f"warning: {path}: {len(problems)} malformed line(s) left out: "
+                        + "; ".join(f"line {n}: {why}" for n, why in problems[:10])
+                        + (f"; and {len(problems) - 10} more" if len(problems) > 10 else ""))
     if not records:
         raise AlignEnvError(f"{path} holds no complete step yet")
     return records
+
+
+def _valid(scanned, problems) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+    """Records with a positive integer step, each step once; the rest added to the problems."""
+    problems, records, seen = list(problems), [], set()
+    for number, record in scanned:
+        step = record.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            problems.append((number, f"step {neutralize(repr(step))} is not a positive integer"))
+        elif step in seen:
+            problems.append((number, f"step {step} again"))
+        else:
+            seen.add(step)
+            records.append(record)
+    return sorted(records, key=lambda r: r["step"]), sorted(problems)
+
+
+def _warn(message: str) -> None:
+    print(neutralize(message), file=sys.stderr)
+
+
+def check_metrics(records: list[dict[str, Any]], metrics) -> None:
+    """Every name in ``metrics`` is a metric of the log (did-you-mean otherwise)."""
+    known = sorted({k for r in records for k in r if k != "step"})
+    for name in metrics:
+        if name not in known:
+            raise did_you_mean("metric", name, known)
 
 
 def window_bounds(n: int, windows: int) -> list[tuple[int, int]]:
@@ -85,14 +121,28 @@ def _nanmean(values: list[float]) -> float:
     return sum(kept) / len(kept) if kept else math.nan
 
 
-def report(run_dir: str | Path, metrics=DEFAULT_METRICS, windows: int = 4, png: bool = True) -> str:
-    records = load(run_dir)
-    heads = [f"steps {lo + 1}-{hi}" for lo, hi in window_bounds(len(records), windows)]
+def window_labels(records: list[dict[str, Any]], windows: int) -> list[str]:
+    """``"steps 1-10"`` per window: the step numbers of its first and last record."""
+    return [f"steps {records[lo]['step']}-{records[hi - 1]['step']}" if hi - lo > 1 else f"step {records[lo]['step']}"
+            for lo, hi in window_bounds(len(records), windows)]
+
+
+def report(run_dir: str | Path, metrics=None, windows: int = 4, png: bool = True, warn=None) -> str:
+    """The table of windowed means (and the plot's path). ``metrics`` asked for (default: the main ones that
+    the log has) must be in the log."""
+    records = load(run_dir, warn)
+    if metrics:
+        check_metrics(records, metrics)
+    metrics = tuple(metrics or DEFAULT_METRICS)
+    heads = window_labels(records, windows)
     rows = table(records, metrics, windows)
-    lines = [f"{'metric':<18}" + "".join(f"{h:>14}" for h in heads) + f"{'change':>12}"]
+    width = max([14] + [len(h) + 2 for h in heads])
+    lines = [f"{'metric':<18}" + "".join(f"{h:>{width}}" for h in heads) + f"{'change':>12}"]
     for row in rows:
-        lines.append(f"{row['metric']:<18}" + "".join(f"{v:>14.4g}" for v in row["windows"])
+        lines.append(f"{row['metric']:<18}" + "".join(f"{v:>{width}.4g}" for v in row["windows"])
                      + f"{row['change']:>+12.4g}")
-    if png:
+    if not rows:
+        lines.append(f"(no numeric values of {', '.join(metrics)} in the log)")
+    elif png:
         lines.append(f"plot: {plot(records, metrics, Path(run_dir) / 'curves.png')}")
-    return "\n".join(lines)
+    return neutralize("\n".join(lines))

@@ -61,6 +61,26 @@ def _env_id(track: str) -> str:
     return by_track[track]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_arguments(*, num_envs: Any, seed: Any, checkpoint_every: Any, out_dir: Any) -> None:
+    """Fail fast, before anything loads, on counts that are not positive, a negative seed or a run folder
+    that is a file (or lies inside one)."""
+    for name, value in (("num_envs", num_envs), ("checkpoint_every", checkpoint_every)):
+        if not _is_int(value) or value < 1:
+            raise AlignEnvError(f"{name} must be a positive integer, got {value!r}")
+    if not _is_int(seed) or seed < 0:
+        raise AlignEnvError(f"seed must be a non-negative integer, got {seed!r}")
+    if out_dir is None:
+        return
+    out = Path(out_dir)
+    blocked = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise AlignEnvError(f"the run folder {out_dir} is not usable: {blocked} is a file")
+
+
 def check_annotator(annotator: Any) -> None:
     """Fail fast, before any model loads, on an annotator spec whose family is unknown (did-you-mean)."""
     if not isinstance(annotator, str):
@@ -106,8 +126,7 @@ def run_one(agent: str, track: str, annotator: str = "rules", *, steps: int | No
     from agents.registry import make_agent
 
     overrides = dict(overrides or {})
-    if int(num_envs) < 1:
-        raise AlignEnvError(f"num_envs must be >= 1, got {num_envs}")
+    check_arguments(num_envs=num_envs, seed=seed, checkpoint_every=checkpoint_every, out_dir=out_dir)
     env_id = _env_id(track)
     check_annotator(annotator)
     Budget(steps, budget_prompts, budget_annotator_calls).validate(int(num_envs))

@@ -48,7 +48,7 @@ def test_run_end_to_end_in_its_default_folder_and_a_rerun_reuses_it(tiny_lm_dir,
     (["--set", "temprature=0.5"], "no config field 'temprature'. Did you mean 'temperature'"),
     (["--set", "max_new_tokens=many"], "max_new_tokens' expects int"),
     (["--set", "oops"], "--set expects key=value"),
-    (["--steps", "0"], "budget steps must be a positive integer"),
+    (["--steps", "0"], "argument --steps: expected a positive integer"),
     (["--budget-prompts", "1"], "smaller than one batch"),
 ])
 def test_bad_input_gets_a_clear_error(argv, message, tmp_path, capsys):
@@ -62,3 +62,35 @@ def test_bad_input_gets_a_clear_error(argv, message, tmp_path, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # nothing was started
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"seed": -1}, "seed must be a non-negative integer"),
+    ({"num_envs": 0}, "num_envs must be a positive integer"),
+    ({"checkpoint_every": 0}, "checkpoint_every must be a positive integer"),
+    ({"out_dir": "afile"}, "afile is a file"),
+    ({"out_dir": "afile/run"}, "afile is a file"),
+])
+def test_run_one_checks_its_arguments_before_anything_loads(kwargs, message, tmp_path, monkeypatch):
+    """The library entry point (not only the CLI) rejects these before the agent is built."""
+    import agents.registry
+    from align_env.errors import AlignEnvError
+    from benchmarks.runner import run_one
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(agents.registry, "make_agent", lambda *a, **k: pytest.fail("the agent was built"))
+    with pytest.raises(AlignEnvError, match=message):
+        run_one("initial", "helpful", steps=1, **kwargs)
+
+
+def test_an_agent_spec_must_name_an_agent_class():
+    from agents.registry import resolve_agent
+    from align_env.errors import AlignEnvError
+
+    with pytest.raises(AlignEnvError, match="is a module, not an agent class"):
+        resolve_agent("os:path")
+    with pytest.raises(AlignEnvError, match="is a function, not an agent class"):
+        resolve_agent("json:dumps")
+    with pytest.raises(AlignEnvError, match="class JSONDecoder is not an agent class; it has no act, update, save"):
+        resolve_agent("json:JSONDecoder")

@@ -374,7 +374,35 @@ def test_curves_average_windows_of_a_real_metrics_log(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "steps 1-5" in out and "+5" in out and (tmp_path / "curves.png").stat().st_size > 1000
     assert main(["curves", str(tmp_path / "nope")]) == 2
+    assert "argument run_dir: no such run folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["curves", str(tmp_path / "empty")]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err
+
+
+def test_curves_report_malformed_lines_by_number_and_label_windows_by_step(tmp_path, capsys):
+    """Malformed lines are left out with a warning naming their line numbers; the valid ones are shown, and
+    the windows are labelled by the steps they hold (here a log that starts at step 11)."""
+    from align_env.cli import main
+
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(11, 21)]
+    lines[2] = "{not json"
+    lines[5] = json.dumps([1, 2])
+    lines.insert(7, json.dumps({"step": "x", "loss": 0.5}))
+    lines.insert(8, json.dumps({"step": 12, "loss": 0.5}))  # a step seen before
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 21, "lo', encoding="utf-8")
+    assert main(["curves", str(tmp_path), "--windows", "2", "--no-plot"]) == 0
+    out, err = capsys.readouterr()
+    assert "4 malformed line(s) left out: line 3: not JSON" in err and "line 6: a JSON list" in err
+    assert "line 8: step 'x' is not a positive integer" in err and "line 9: step 12 again" in err
+    assert "line 12" not in err  # the torn last line of a run still writing is not a problem
+    assert "steps 11-15" in out and "steps 17-20" in out and "loss" in out  # steps 13 and 16 left out
+
+    assert main(["curves", str(tmp_path), "--metrics", "los"]) == 2
+    assert "unknown metric 'los'. Did you mean 'loss'" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text("garbage\n", encoding="utf-8")
+    assert main(["curves", str(tmp_path)]) == 2
+    assert "line 1: not JSON" in (err := capsys.readouterr().err) and "holds no complete step" in err
 
 
 # -- corrupt checkpoints and logs at resume --------------------------------------------------------------
