@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from align_env.errors import BadTextError, TextTypeError
+from align_env.text import check_text, check_texts
 from align_env.tracks.track import PromptItem
 
 Prompt = PromptItem | str
@@ -70,14 +72,27 @@ def as_item(prompt: Prompt) -> PromptItem:
     if isinstance(prompt, PromptItem):
         return prompt
     if isinstance(prompt, str):
-        return PromptItem(id="", prompt=prompt, source=prompt)
-    raise TypeError(f"prompt must be a PromptItem or str, got {type(prompt).__name__}")
+        text = str(prompt)
+        return PromptItem(id="", prompt=text, source=text)
+    raise TextTypeError(f"prompt must be a PromptItem or str, got {type(prompt).__name__}: {prompt!r:.80}")
 
 
 def check_batch(prompts: Sequence[Any], *columns: Sequence[Any]) -> None:
-    for col in columns:
+    """Every annotator's input check: a list of prompts and, per column, as many texts under the text policy
+    (:mod:`align_env.text`); an error names the column, the index and the problem."""
+    if isinstance(prompts, (str, bytes, PromptItem)) or not hasattr(prompts, "__len__"):
+        raise TextTypeError(f"prompts must be a list of prompts, got {type(prompts).__name__}: {prompts!r:.80}")
+    for k, p in enumerate(prompts):
+        item = as_item(p)
+        check_text(item.prompt, f"prompt[{k}]")
+        check_text(item.source, f"prompt[{k}].source")
+        if item.reference is not None:
+            check_text(item.reference, f"prompt[{k}].reference")
+    names = ("responses",) if len(columns) == 1 else ("responses a", "responses b")
+    for name, col in zip(names, columns):
+        check_texts(col, name)
         if len(col) != len(prompts):
-            raise ValueError(f"batch size mismatch: {len(prompts)} prompts but {len(col)} responses")
+            raise BadTextError(f"batch size mismatch: {len(prompts)} prompts but {len(col)} {name}")
 
 
 class CostMeter:
