@@ -111,6 +111,13 @@ class CostMeter:
             self.cost.seconds += time.perf_counter() - start
 
 
+def model_max_length(model, tokenizer, wanted: int) -> int:
+    """``wanted`` capped by what the model can take (its position embeddings) and the tokenizer's limit."""
+    limits = [int(wanted), getattr(model.config, "max_position_embeddings", None) or wanted,
+              getattr(tokenizer, "model_max_length", None) or wanted]
+    return max(2, min(x for x in limits if 0 < x < 10**9))
+
+
 def validate_verdicts(verdicts: Sequence[Any], n: int, spec: str, kind: str) -> list[Verdict]:
     """Check an annotator's output: n values, each a finite float (probability for pairwise) or None."""
     import math

@@ -16,6 +16,10 @@ additive prior exactly and cannot saturate. ``calibrate=none`` (the default) kee
 ``last_details`` holds, per item, p_ab, p_ba, the log-odds l_ab, l_ba and the prior, so an evaluation can
 report position consistency before and after calibration from one run.
 
+Overlong inputs: a judge prompt longer than the engine's context is cut by the engine's policy (transformers:
+the oldest tokens go, so the rubric's start is lost first; ``overflow="error"`` raises PromptTooLongError);
+``last_details[i]["truncated"]`` records it in every mode.
+
 Pointwise mode (Yuan et al. 2024, the additive 5-point rubric): the judge writes a short justification and
 "Score: N"; each response is judged ``samples`` times and averaged (the paper uses 3). An answer with no
 parseable score abstains. ``pointwise="expected"`` instead reads the expected score from the next-token
@@ -143,6 +147,15 @@ class LLMJudge:
         self._meter.cost.tokens_in += n_in
         self._meter.cost.tokens_out += out_tokens
 
+    def _truncated(self, contexts: Sequence, reserve: int = 0) -> list[bool]:
+        """Per context: whether the engine must cut it to fit (engines that expose ``max_context`` and
+        ``encode``; the transformers engine drops the oldest tokens). Others report False."""
+        engine = self._engine()
+        limit, encode = getattr(engine, "max_context", None), getattr(engine, "encode", None)
+        if not isinstance(limit, int) or not callable(encode):
+            return [False] * len(contexts)
+        return [len(encode(c if isinstance(c, str) else engine.render(c))) > limit - reserve for c in contexts]
+
     def pairwise_prompt(self, item, first: str, second: str) -> list[dict]:
         text = self.pairwise_template.format(rubric=self.rubric, request=item.prompt, response_a=first,
                                              response_b=second, suffix=prompts.suffix_block(self.suffix))
@@ -165,6 +178,7 @@ class LLMJudge:
             if self.both_orders:
                 contexts += [self.pairwise_prompt(i, y, x) for i, x, y in zip(items, a, b)]
             self._count_tokens([c[0]["content"] for c in contexts])
+            cut = self._truncated(contexts)
             pairs = self._label_logprobs(contexts)
             prior = self.order_prior() if self.calibrate == "content_free" else None
         probs = [_softmax2(la, lb) for la, lb in pairs]
@@ -174,7 +188,8 @@ class LLMJudge:
         for k in range(n):
             p_ab, l_ab = probs[k], odds[k]
             p_ba, l_ba = (probs[n + k], odds[n + k]) if self.both_orders else (None, None)
-            self.last_details.append({"p_ab": p_ab, "p_ba": p_ba, "l_ab": l_ab, "l_ba": l_ba, "prior": prior})
+            self.last_details.append({"p_ab": p_ab, "p_ba": p_ba, "l_ab": l_ab, "l_ba": l_ba, "prior": prior,
+                                      "truncated": cut[k] or (self.both_orders and cut[n + k])})
             if p_ab is None or (self.both_orders and p_ba is None):
                 out.append(None)
             elif prior is not None:
@@ -217,7 +232,8 @@ class LLMJudge:
             parsed = [parse_score(g.text) for g in row]
             valid = [s for s in parsed if s is not None]
             out.append(sum(valid) / len(valid) if valid else None)
-            self.last_details.append({"parsed": parsed, "unparsed": parsed.count(None)})
+            self.last_details.append({"parsed": parsed, "unparsed": parsed.count(None),
+                                      "truncated": any(getattr(g, "truncated_prompt", False) for g in row)})
         return out
 
     def expected_context(self, context: list[dict]) -> str:
@@ -232,6 +248,7 @@ class LLMJudge:
         rendered = [self.expected_context(c) for c in contexts]
         digits = [str(d) for d in range(6)]
         self._count_tokens(rendered)
+        self.last_details = [{"truncated": c} for c in self._truncated(rendered)]
         rows = engine.next_token_logprobs(rendered, digits)
         out = []
         for row in rows:
