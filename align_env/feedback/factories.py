@@ -74,7 +74,8 @@ def _split_engine_params(spec: AnnotatorSpec) -> tuple[str, dict, dict]:
 
         name = str(options.get("dtype", "float32"))
         if not isinstance(getattr(torch, name, None), torch.dtype):
-            raise AlignEnvError(f"dtype must be a torch dtype name such as 'bfloat16' or 'float32', got {name!r}")
+            raise AlignEnvError(f"annotator {spec.family!r}: parameter 'dtype' got {name!r:.80}; accepted: a torch "
+                                "dtype name such as 'bfloat16' or 'float32'")
         options["dtype"] = getattr(torch, name)
     return engine, options, params
 

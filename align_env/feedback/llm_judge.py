@@ -132,6 +132,8 @@ class LLMJudge:
 
     def _label_logprobs(self, contexts: list[list[dict]]) -> list[tuple[float, float]]:
         engine = self._engine()
+        if not contexts:  # an empty batch asks nothing
+            return []
         a, b = self._labels(contexts[0])
         if "next_token" in getattr(engine, "capabilities", ()):
             rows = engine.next_token_logprobs(contexts, [a, b])
@@ -215,6 +217,9 @@ class LLMJudge:
 
     def score(self, prompts_: Sequence[Prompt], responses: Sequence[str]) -> list[Verdict]:
         check_batch(prompts_, responses)
+        if not len(prompts_):
+            self.last_details = []
+            return []
         items = [as_item(p) for p in prompts_]
         contexts = [self.pointwise_prompt(i, r) for i, r in zip(items, responses)]
         with self._meter.measure(calls=len(items)):
@@ -224,6 +229,10 @@ class LLMJudge:
 
     def _generated_scores(self, contexts: list[list[dict]]) -> list[Verdict]:
         engine = self._engine()
+        limit = getattr(engine, "max_context", None)
+        if isinstance(limit, int) and self.max_new_tokens >= limit:
+            raise AlignEnvError(f"annotator {self.spec!r}: parameter max_new_tokens={self.max_new_tokens} does not "
+                                f"fit the model's context of {limit} tokens; accepted: 1 <= max_new_tokens < {limit}")
         gens = engine.generate(contexts, n=self.samples, temperature=self.temperature,
                                max_new_tokens=self.max_new_tokens, seed=self.seed)
         self._count_tokens([c[0]["content"] for c in contexts], sum(g.tokens for row in gens for g in row))
