@@ -183,6 +183,8 @@ def test_typed_values_are_converted():
     ann = make_annotator("rules?temperature=1&length_penalty=0&oracle=1", track="harmless")
     assert ann.temperature == 1.0 and ann.length_penalty == 0.0 and ann.oracle is True
     assert parse_spec("rules?suffix=a+b").params == {"suffix": "a b"}
+    judge = make_annotator("self?suffix=007&temperature=0", track="helpful")  # strings stay as written
+    assert judge.suffix == "007" and judge.temperature == 0.0
 
 
 @pytest.mark.parametrize("n", [CASES["spaces"]], ids=lambda n: f"{n}-cases")

@@ -117,8 +117,8 @@ def with_length_control(annotator: Any, instruction: str) -> Any:
         raise AlignEnvError("length_control needs an annotator spec string, not an annotator object")
     spec = parse_spec(annotator) if isinstance(annotator, str) else annotator
     if spec.family == "llm_judge":
-        return str(AnnotatorSpec(spec.family, spec.model, {**spec.params, "suffix": instruction}))
+        return str(AnnotatorSpec(spec.family, spec.model, {**spec.params, "suffix": instruction}, spec.raw))
     if spec.family == "rules":
-        return str(AnnotatorSpec(spec.family, spec.model, {**spec.params, "prefer": "short"}))
+        return str(AnnotatorSpec(spec.family, spec.model, {**spec.params, "prefer": "short"}, spec.raw))
     raise AlignEnvError(f"annotator family {spec.family!r} takes no length-control instruction; use llm_judge or rules")
 

@@ -23,14 +23,14 @@ def check_params(spec: AnnotatorSpec, cls) -> dict:
             kinds = describe(spec.family)
             listing = {k: kinds.get(k, "any") for k in accepted} if kinds else accepted
             raise AlignEnvError(f"annotator {spec.family!r} has no parameter {key!r}.{hint} Accepted: {listing}")
-    return typed_params(spec.family, dict(spec.params))
+    return typed_params(spec.family, dict(spec.params), raw=spec.raw)
 
 
 def rules(spec: AnnotatorSpec, track: str | None):
     from align_env.feedback.rules import RulesAnnotator
 
     params = {k: v for k, v in spec.params.items() if k != "cache"}
-    params = check_params(AnnotatorSpec(spec.family, spec.model, params), RulesAnnotator)
+    params = check_params(AnnotatorSpec(spec.family, spec.model, params, raw=spec.raw), RulesAnnotator)
     return RulesAnnotator(track or "helpful", spec=str(spec), **params)
 
 
@@ -53,7 +53,7 @@ def _split_engine_params(spec: AnnotatorSpec) -> tuple[str, dict, dict]:
     from align_env.errors import did_you_mean
     from align_env.feedback.params import ENGINE_PARAMS as ENGINE_TYPES, typed_params
 
-    params = typed_params(spec.family, params, ENGINE_TYPES)
+    params = typed_params(spec.family, params, ENGINE_TYPES, raw=spec.raw)
     engine = params.pop("engine", "transformers")
 
     if engine not in ENGINES:
@@ -93,7 +93,7 @@ def _rubric(track: str | None) -> str:
 
 
 def _family_params(spec: AnnotatorSpec, params: dict, cls) -> dict:
-    return check_params(AnnotatorSpec(spec.family, spec.model, params), cls)
+    return check_params(AnnotatorSpec(spec.family, spec.model, params, raw=spec.raw), cls)
 
 
 def llm_judge(spec: AnnotatorSpec, track: str | None):

@@ -110,10 +110,20 @@ def typed_value(family: str, key: str, value: Any, param: Param) -> Any:
                             f"{param.accepted()}") from None
 
 
-def typed_params(family: str, params: dict[str, Any], declared: dict[str, Param] | None = None) -> dict[str, Any]:
-    """``params`` converted to the family's declared types (undeclared keys are left to the caller's check)."""
+def typed_params(family: str, params: dict[str, Any], declared: dict[str, Param] | None = None,
+                 raw: dict[str, str] | None = None) -> dict[str, Any]:
+    """``params`` converted to the family's declared types (undeclared keys are left to the caller's check).
+
+    String parameters take the value as written (``raw``), so ``suffix=007`` stays ``"007"``, not ``7``."""
     declared = FAMILY_PARAMS.get(family, {}) if declared is None else declared
-    return {k: typed_value(family, k, v, declared[k]) if k in declared else v for k, v in params.items()}
+    raw = raw or {}
+    out = {}
+    for k, v in params.items():
+        if k in declared:
+            v = raw[k] if declared[k].kind is str and isinstance(raw.get(k), str) else v
+            v = typed_value(family, k, v, declared[k])
+        out[k] = v
+    return out
 
 
 def describe(family: str) -> dict[str, str]:

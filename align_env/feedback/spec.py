@@ -34,12 +34,14 @@ class AnnotatorSpec:
     family: str
     model: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, str] = field(default_factory=dict, compare=False, repr=False)  # the values as written
 
     def __str__(self) -> str:
         from urllib.parse import urlencode
 
         head = f"{self.model}:{self.family}" if self.model else self.family
-        return f"{head}?{urlencode(self.params)}" if self.params else head
+        written = {k: self.raw[k] if k in self.raw and _coerce(self.raw[k]) == v else v for k, v in self.params.items()}
+        return f"{head}?{urlencode(written)}" if self.params else head
 
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
@@ -80,6 +82,7 @@ def parse_spec(spec: str) -> AnnotatorSpec:
     except ValueError as exc:
         raise AlignEnvError(f"annotator spec {spec!r}: bad parameters {query!r} (use key=value&key2=value2)") from exc
     params: dict[str, Any] = {}
+    raw: dict[str, str] = {}
     for key, value in pairs:
         if not _KEY.match(key):
             raise AlignEnvError(f"annotator spec {spec!r:.120}: parameter name {key!r:.60} is "
@@ -87,5 +90,5 @@ def parse_spec(spec: str) -> AnnotatorSpec:
         if key in params:
             raise AlignEnvError(f"annotator spec {spec!r:.120}: parameter {key!r} is given twice")
         _check_chars(spec, f"parameter {key!r}", value)
-        params[key] = _coerce(value)
-    return AnnotatorSpec(family=family, model=model or None, params=params)
+        params[key], raw[key] = _coerce(value), value
+    return AnnotatorSpec(family=family, model=model or None, params=params, raw=raw)
