@@ -74,14 +74,53 @@ class PromptSampler:
                 "first_id": self.items[0].id}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Continue exactly where :meth:`get_state` was taken; refuses the state of a different split."""
+        """Continue exactly where :meth:`get_state` was taken; refuses the state of a different split, and a
+        corrupt one (order not a permutation of the split, position out of range, wrong types)."""
+        if not isinstance(state, dict):
+            raise AlignEnvError(f"corrupt sampler state: expected a dict, got {type(state).__name__}")
         if state.get("n_items") != len(self.items) or state.get("first_id") != self.items[0].id:
-            raise AlignEnvError(f"sampler state is for a split of {state.get('n_items')} prompts starting with "
-                                f"{state.get('first_id')!r}, not this one ({len(self.items)}, {self.items[0].id!r})")
-        order = np.asarray(state["order"], dtype=np.int64)
-        if order.size and (order.min() < 0 or order.max() >= len(self.items)) or not 0 <= state["pos"] <= order.size:
-            raise AlignEnvError("corrupt sampler state: order or position out of range")
-        self._order, self._pos = order, int(state["pos"])
+            raise AlignEnvError(f"sampler state is for a split of {state.get('n_items')!r:.40} prompts starting with "
+                                f"{state.get('first_id')!r:.80}, not this one ({len(self.items)}, {self.items[0].id!r})")
+        order, pos = state.get("order"), state.get("pos")
+        if not isinstance(order, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in order):
+            raise AlignEnvError("corrupt sampler state: order must be a list of ints")
+        if isinstance(pos, bool) or not isinstance(pos, int):
+            raise AlignEnvError(f"corrupt sampler state: pos must be an int, got {type(pos).__name__}")
+        if order and sorted(order) != list(range(len(self.items))) or not 0 <= pos <= len(order):
+            raise AlignEnvError("corrupt sampler state: order is not a permutation of the split or position out of range")
+        self._order, self._pos = np.asarray(order, dtype=np.int64), pos
+
+
+def _restore(sampler: PromptSampler, state: Any, items_key: str) -> tuple:
+    """Check a whole ``get_state`` snapshot before anything changes: (rng, seed, prompt ids)."""
+    if not isinstance(state, dict):
+        raise AlignEnvError(f"corrupt env state: expected a dict, got {type(state).__name__}")
+    missing = sorted({"np_random", "np_random_seed", "sampler", items_key} - set(state))
+    if missing:
+        raise AlignEnvError(f"corrupt env state: missing {missing}")
+    PromptSampler(sampler.items).set_state(state["sampler"])  # validates without touching the live sampler
+    seed = state["np_random_seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise AlignEnvError(f"corrupt env state: np_random_seed must be an int or None, got {seed!r:.40}")
+    try:
+        rng = _rng_from_state(state["np_random"])
+    except AlignEnvError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise AlignEnvError(f"corrupt env state: np_random cannot be restored ({type(exc).__name__}: {exc})") from exc
+    ids = state[items_key]
+    ids = [] if ids is None else ids if isinstance(ids, list) else [ids]
+    for i in ids:
+        if not isinstance(i, str):
+            raise AlignEnvError(f"corrupt env state: {items_key} must hold prompt ids (str), got {i!r:.40}")
+        sampler.by_id(i)
+    return rng, seed, ids
+
+
+def _check_seed(seed: Any) -> int | None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise AlignEnvError(f"seed must be None or an int >= 0, got {type(seed).__name__}: {seed!r:.40}")
+    return None if seed is None else int(seed)
 
 
 def _check_options(options: Any) -> dict:
@@ -141,6 +180,8 @@ def _rng_state(rng: np.random.Generator | None) -> dict[str, Any] | None:
 def _rng_from_state(state: dict[str, Any] | None) -> np.random.Generator | None:
     if state is None:
         return None
+    if not isinstance(state, dict):
+        raise AlignEnvError(f"corrupt env state: np_random must be a dict, got {type(state).__name__}")
     kind = state.get("bit_generator")
     if kind not in ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64"):
         raise AlignEnvError(f"unknown bit generator {kind!r} in the env state")
@@ -195,7 +236,7 @@ class AlignEnv(gym.Env[dict, Any]):
         self._last: str = ""
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
+        super().reset(seed=_check_seed(seed))
         if seed is not None:
             self._sampler.restart()
         options = _check_options(options)
@@ -227,9 +268,10 @@ class AlignEnv(gym.Env[dict, Any]):
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`get_state` snapshot: the next ``reset``/``step`` behave as they would have then."""
+        rng, seed, ids = _restore(self._sampler, state, "item")
         self._sampler.set_state(state["sampler"])
-        self._np_random, self._np_random_seed = _rng_from_state(state["np_random"]), state["np_random_seed"]
-        self._item = None if state["item"] is None else self._sampler.by_id(state["item"])
+        self._np_random, self._np_random_seed = rng, seed
+        self._item = self._sampler.by_id(ids[0]) if ids else None
 
     def render(self):
         if self.render_mode == "ansi":
@@ -269,7 +311,7 @@ class AlignVectorEnv(VectorEnv):
         return {"prompt": tuple(i.prompt for i in self._items), "messages": tuple(i.messages for i in self._items)}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
+        super().reset(seed=_check_seed(seed))
         if seed is not None:
             self._sampler.restart()
         _check_options(options)
@@ -316,11 +358,15 @@ class AlignVectorEnv(VectorEnv):
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`get_state` snapshot; :meth:`current_observation` then gives the pending batch."""
-        if state.get("num_envs") != self.num_envs:
-            raise AlignEnvError(f"env state is for num_envs={state.get('num_envs')}, this env has {self.num_envs}")
+        if not isinstance(state, dict) or state.get("num_envs") != self.num_envs:
+            got = state.get("num_envs") if isinstance(state, dict) else type(state).__name__
+            raise AlignEnvError(f"env state is for num_envs={got!r:.40}, this env has {self.num_envs}")
+        rng, seed, ids = _restore(self._sampler, state, "items")
+        if ids and len(ids) != self.num_envs:
+            raise AlignEnvError(f"corrupt env state: {len(ids)} pending prompts for num_envs={self.num_envs}")
         self._sampler.set_state(state["sampler"])
-        self._np_random, self._np_random_seed = _rng_from_state(state["np_random"]), state["np_random_seed"]
-        self._items = [self._sampler.by_id(i) for i in state["items"]]
+        self._np_random, self._np_random_seed = rng, seed
+        self._items = [self._sampler.by_id(i) for i in ids]
 
     def current_observation(self) -> tuple[dict[str, tuple], dict[str, Any]]:
         """The pending batch (what the last ``reset``/``step`` returned) as ``(obs, info)``."""

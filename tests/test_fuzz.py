@@ -308,3 +308,69 @@ def test_overlong_inputs_are_truncated_and_recorded(family, short_lm, tiny_heads
     valid_verdicts(out, 2, "score" if family == "judge_expected" else "pairwise")
     flags = [d["truncated"] for d in ann.last_details]
     assert flags[1] is True and (family in ("llm_judge", "judge_expected") or flags[0] is False)
+
+
+def _mutate(rng: random.Random, value, depth: int = 0):
+    """A randomly corrupted copy of a JSON-like state."""
+    junk = [None, -1, 2**70, "x", 1.5, float("nan"), True, [], {}, [0] * 3, {"bit_generator": "PCG64"}]
+    if isinstance(value, dict) and value and depth < 3:
+        out, key = dict(value), rng.choice(sorted(value))
+        choice = rng.randrange(3)
+        if choice == 0:
+            del out[key]
+        elif choice == 1:
+            out[key] = rng.choice(junk)
+        else:
+            out[key] = _mutate(rng, value[key], depth + 1)
+        return out
+    if isinstance(value, list) and value and rng.random() < 0.7:
+        out = list(value)
+        out[rng.randrange(len(out))] = rng.choice(junk + [out[0]])
+        return out
+    return rng.choice(junk)
+
+
+@pytest.mark.parametrize("n", [200], ids=lambda n: f"{n}-cases")
+def test_fuzz_corrupt_env_state_is_refused_and_changes_nothing(n):
+    rng = random.Random(SEED + 5)
+    envs = [AlignEnv(track="helpful"), AlignVectorEnv(num_envs=2, track="helpful")]
+    for env in envs:
+        env.reset(seed=1)
+    good = [env.get_state() for env in envs]
+    for k in range(n):
+        env, state = envs[k % 2], good[k % 2]
+        before = env.get_state()
+        bad = _mutate(rng, state)
+        if outcome(lambda: env.set_state(bad), "state", "sampler", "prompt id", "num_envs") == "error":
+            assert env.get_state() == before  # a refused snapshot leaves the env as it was
+        env.set_state(state)
+
+
+class _Broken:
+    spec, deterministic = "broken", True
+
+    def __init__(self, out):
+        self.out = out
+
+    def pairwise(self, prompts, a, b):
+        return self.out
+
+    score = pairwise
+
+
+@pytest.mark.parametrize("out", [None, "0.5", 0.5, [], [0.5, 0.5], ["x"], [True], [[0.5]], {"a": 1}])
+def test_broken_annotator_output_is_a_clear_error(out):
+    env = AlignEnv(track="helpful", annotator=_Broken(out))
+    env.reset(seed=0)
+    with pytest.raises(AlignEnvError, match="annotator 'broken'"):
+        env.step(("a", "b"))
+
+
+def test_unusable_numbers_are_abstentions():
+    import torch
+
+    for out, abstained in (([float("nan")], True), ([1.5], True), ([np.float32(0.25)], False),
+                           ([torch.tensor(0.75)], False), ([None], True)):
+        env = AlignEnv(track="helpful", annotator=_Broken(out))
+        env.reset(seed=0)
+        assert env.step(("a", "b"))[4]["abstained"] is abstained

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from align_env.errors import BadTextError, TextTypeError
+from align_env.errors import AlignEnvError, BadTextError, TextTypeError
 from align_env.text import check_text, check_texts
 from align_env.tracks.track import PromptItem
 
@@ -111,6 +111,10 @@ class CostMeter:
             self.cost.seconds += time.perf_counter() - start
 
 
+class AnnotatorOutputError(AlignEnvError, RuntimeError):
+    """An annotator returned something that is not a list of verdicts (a RuntimeError too: its bug, not the input's)."""
+
+
 def model_max_length(model, tokenizer, wanted: int) -> int:
     """``wanted`` capped by what the model can take (its position embeddings) and the tokenizer's limit."""
     limits = [int(wanted), getattr(model.config, "max_position_embeddings", None) or wanted,
@@ -119,16 +123,30 @@ def model_max_length(model, tokenizer, wanted: int) -> int:
 
 
 def validate_verdicts(verdicts: Sequence[Any], n: int, spec: str, kind: str) -> list[Verdict]:
-    """Check an annotator's output: n values, each a finite float (probability for pairwise) or None."""
-    import math
+    """Check an annotator's output: n values, each a real number (probability for pairwise) or None.
 
+    A broken output (not a list, the wrong count, a value that is not a number: str, bool, list) is an
+    :class:`AnnotatorOutputError`; a non-finite or out-of-range number is an abstention, counted as such.
+    """
+    import math
+    from numbers import Real
+
+    if isinstance(verdicts, (str, bytes, dict)) or not hasattr(verdicts, "__iter__"):
+        raise AnnotatorOutputError(f"annotator {spec!r} returned {type(verdicts).__name__} for {kind} verdicts; "
+                                   f"expected a list of {n} numbers or None")
     out = list(verdicts)
     if len(out) != n:
-        raise RuntimeError(f"annotator {spec!r} returned {len(out)} {kind} verdicts for {n} items")
+        raise AnnotatorOutputError(f"annotator {spec!r} returned {len(out)} {kind} verdicts for {n} items")
     for i, v in enumerate(out):
         if v is None:
             continue
-        v = float(v)
+        try:  # numbers, numpy scalars and 0-d tensors; not str, bool or containers
+            if isinstance(v, (bool, str, bytes)) or not (isinstance(v, Real) or hasattr(v, "__float__")):
+                raise TypeError
+            v = float(v)
+        except (TypeError, ValueError, RuntimeError):
+            raise AnnotatorOutputError(f"annotator {spec!r}: {kind} verdict {i} is {type(v).__name__} {v!r:.40}, "
+                                       "not a number or None") from None
         if not math.isfinite(v) or (kind == "pairwise" and not 0.0 <= v <= 1.0):
             out[i] = None  # an unusable verdict is an abstention, counted as such
         else:
