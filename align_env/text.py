@@ -53,3 +53,38 @@ def check_texts(values: Any, where: str = "responses", n: int | None = None,
 
 def _is_array(values: Any) -> bool:
     return hasattr(values, "ndim") and hasattr(values, "shape") and hasattr(values, "__len__")
+
+
+def check_prompt(prompt: Any, where: str = "prompt") -> Any:
+    """An engine prompt: a text, or chat messages (a list of ``{"role": str, "content": str}``), both under
+    the text policy. Returns it with ``numpy.str_`` made plain ``str``."""
+    if isinstance(prompt, str):
+        return check_text(prompt, where)
+    if not isinstance(prompt, list):
+        raise TextTypeError(f"{where} must be a string or a list of chat messages, got {type(prompt).__name__}")
+    if not prompt:
+        raise BadTextError(f"{where} is an empty list of chat messages; give at least one message (or a string)")
+    out = []
+    for k, m in enumerate(prompt):
+        if not isinstance(m, dict) or not {"role", "content"} <= set(m):
+            raise TextTypeError(f"{where}[{k}] must be a chat message {{'role': ..., 'content': ...}}, got {m!r:.80}")
+        out.append({**m, "role": check_text(m["role"], f"{where}[{k}].role"),
+                    "content": check_text(m["content"], f"{where}[{k}].content")})
+    return out
+
+
+def check_sampling(n: Any, temperature: Any, top_p: Any, max_new_tokens: Any) -> None:
+    """Generation settings every engine shares: ints >= 1, a finite temperature >= 0, 0 < top_p <= 1."""
+    import math
+    from numbers import Integral, Real
+
+    from align_env.errors import AlignEnvError
+
+    for name, value in (("n", n), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise AlignEnvError(f"{name} must be an int >= 1, got {value!r:.40}")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise AlignEnvError(f"{name} must be a finite number, got {value!r:.40}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise AlignEnvError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")

@@ -374,3 +374,35 @@ def test_unusable_numbers_are_abstentions():
         env = AlignEnv(track="helpful", annotator=_Broken(out))
         env.reset(seed=0)
         assert env.step(("a", "b"))[4]["abstained"] is abstained
+
+
+def _prompt_input(rng: random.Random):
+    shape = rng.randrange(5)
+    if shape == 0:
+        return texts(rng, bad=0.3)
+    if shape == 1:
+        return []
+    if shape == 2:
+        return [{"role": "user"}] if rng.random() < 0.5 else [rng.choice([None, "m", 3])]
+    return [{"role": rng.choice(["user", "system", None]), "content": texts(rng, long=False, bad=0.3)}]
+
+
+@pytest.mark.parametrize("n", [60], ids=lambda n: f"{n}-cases")
+def test_fuzz_transformers_engine(n, short_lm):
+    from align_env.engines.transformers_engine import TransformersEngine
+
+    engine, rng = TransformersEngine.from_name(short_lm), random.Random(SEED + 6)
+    settings = [1, 0, -1, 2.5, float("nan"), float("inf"), True, None, np.int64(2), 10**9]
+    for _ in range(n):
+        prompts = [_prompt_input(rng) for _ in range(rng.choice([0, 1, 2]))]
+        kind = rng.randrange(3)
+        if kind == 0:
+            conts = [texts(rng, bad=0.3) for _ in prompts]
+            call = lambda: engine.score(prompts, conts)  # noqa: E731
+        elif kind == 1:
+            call = lambda: engine.next_token_logprobs(prompts, [rng.choice(["A", "", None]), "B"])  # noqa: E731
+        else:
+            kw = {"n": rng.choice(settings[:3] + [2]), "temperature": rng.choice([0, 0.7, float("nan"), -1]),
+                  "max_new_tokens": rng.choice([1, 2, 0, 64, 2.0])}
+            call = lambda: engine.generate(prompts, **kw, seed=0)  # noqa: E731
+        outcome(call, *TEXT_WORDS, "n must", "temperature", "max_new_tokens", "candidate", "message")
