@@ -155,7 +155,8 @@ def tiny_heads(tiny_lm_dir, tmp_path_factory):
 
 # -- tests -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [CASES["spec"]], ids=lambda n: f"{n}-cases")
-def test_fuzz_spec_parser(n, short_lm):
+def test_fuzz_spec_parser(n, short_lm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # cache=<path> values write there, never into the checkout
     rng, seen = random.Random(SEED), {"ok": 0, "error": 0}
     for _ in range(n):
         spec = spec_string(rng, short_lm)

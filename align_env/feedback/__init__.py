@@ -84,6 +84,9 @@ def _with_cache(annotator, parsed: AnnotatorSpec):
     from align_env.feedback.cache import CachedAnnotator, JudgementStore
 
     raw = parsed.params.get("cache", "memory" if parsed.family not in ("rules", "self") else "off")
+    if not isinstance(raw, (str, bool)) and raw not in (0, None):  # cache=inf or cache=3 is no file name
+        raise AlignEnvError(f"annotator {parsed.family!r}: parameter 'cache' got {raw!r:.40}; accepted: memory, disk, "
+                            "off or a file path")
     mode = "off" if raw in (False, None, 0, "none", "no") else "memory" if raw is True else str(raw)
     cacheable = getattr(annotator, "cacheable", True) and getattr(annotator, "deterministic", False)
     if mode == "off" or not cacheable:
