@@ -21,10 +21,12 @@ from gymnasium.vector.utils import batch_space
 from align_env.errors import AlignEnvError, did_you_mean
 from align_env.feedback import FeedbackCost, make_annotator, validate_verdicts
 from align_env.spaces import ChatMessages, UnicodeText, check_pair, check_response
+from align_env.text import check_text, check_texts
 from align_env.tracks import PromptItem, get_track
 
 FEEDBACK_KINDS = ("pairwise", "scalar")
 MAX_RESPONSE_CHARS = 100_000
+MAX_NUM_ENVS = 4096
 
 
 @batch_space.register(UnicodeText)
@@ -72,14 +74,99 @@ class PromptSampler:
                 "first_id": self.items[0].id}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Continue exactly where :meth:`get_state` was taken; refuses the state of a different split."""
+        """Continue exactly where :meth:`get_state` was taken; refuses the state of a different split, and a
+        corrupt one (order not a permutation of the split, position out of range, wrong types)."""
+        if not isinstance(state, dict):
+            raise AlignEnvError(f"corrupt sampler state: expected a dict, got {type(state).__name__}")
         if state.get("n_items") != len(self.items) or state.get("first_id") != self.items[0].id:
-            raise AlignEnvError(f"sampler state is for a split of {state.get('n_items')} prompts starting with "
-                                f"{state.get('first_id')!r}, not this one ({len(self.items)}, {self.items[0].id!r})")
-        order = np.asarray(state["order"], dtype=np.int64)
-        if order.size and (order.min() < 0 or order.max() >= len(self.items)) or not 0 <= state["pos"] <= order.size:
-            raise AlignEnvError("corrupt sampler state: order or position out of range")
-        self._order, self._pos = order, int(state["pos"])
+            raise AlignEnvError(f"sampler state is for a split of {state.get('n_items')!r:.40} prompts starting with "
+                                f"{state.get('first_id')!r:.80}, not this one ({len(self.items)}, {self.items[0].id!r})")
+        order, pos = state.get("order"), state.get("pos")
+        if not isinstance(order, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in order):
+            raise AlignEnvError("corrupt sampler state: order must be a list of ints")
+        if isinstance(pos, bool) or not isinstance(pos, int):
+            raise AlignEnvError(f"corrupt sampler state: pos must be an int, got {type(pos).__name__}")
+        if order and sorted(order) != list(range(len(self.items))) or not 0 <= pos <= len(order):
+            raise AlignEnvError("corrupt sampler state: order is not a permutation of the split or position out of range")
+        self._order, self._pos = np.asarray(order, dtype=np.int64), pos
+
+
+def _restore(sampler: PromptSampler, state: Any, items_key: str) -> tuple:
+    """Check a whole ``get_state`` snapshot before anything changes: (rng, seed, prompt ids)."""
+    if not isinstance(state, dict):
+        raise AlignEnvError(f"corrupt env state: expected a dict, got {type(state).__name__}")
+    missing = sorted({"np_random", "np_random_seed", "sampler", items_key} - set(state))
+    if missing:
+        raise AlignEnvError(f"corrupt env state: missing {missing}")
+    PromptSampler(sampler.items).set_state(state["sampler"])  # validates without touching the live sampler
+    seed = state["np_random_seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise AlignEnvError(f"corrupt env state: np_random_seed must be an int or None, got {seed!r:.40}")
+    try:
+        rng = _rng_from_state(state["np_random"])
+    except AlignEnvError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise AlignEnvError(f"corrupt env state: np_random cannot be restored ({type(exc).__name__}: {exc})") from exc
+    ids = state[items_key]
+    ids = [] if ids is None else ids if isinstance(ids, list) else [ids]
+    for i in ids:
+        if not isinstance(i, str):
+            raise AlignEnvError(f"corrupt env state: {items_key} must hold prompt ids (str), got {i!r:.40}")
+        sampler.by_id(i)
+    return rng, seed, ids
+
+
+def _check_seed(seed: Any) -> int | None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise AlignEnvError(f"seed must be None or an int >= 0, got {type(seed).__name__}: {seed!r:.40}")
+    return None if seed is None else int(seed)
+
+
+def _check_options(options: Any) -> dict:
+    """``reset`` options: ``None`` or a dict; the only key read is ``prompt_id`` (a str)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise AlignEnvError(f"reset options must be a dict or None, got {type(options).__name__}: {options!r:.80}")
+    if "prompt_id" in options and not isinstance(options["prompt_id"], str):
+        raise AlignEnvError(f"reset option prompt_id must be a str, got {type(options['prompt_id']).__name__}")
+    return options
+
+
+def _num_envs(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise AlignEnvError(f"num_envs must be an int, got {type(n).__name__}: {n!r:.40}")
+    if not 1 <= n <= MAX_NUM_ENVS:
+        raise AlignEnvError(f"num_envs must be in [1, {MAX_NUM_ENVS}], got {n}")
+    return int(n)
+
+
+def _unbatch_pairs(actions: Any, n: int) -> list[tuple[str, str]]:
+    """Pairwise vector actions: always the columns ``(responses_a, responses_b)``, never a list of pairs.
+
+    With ``num_envs == 2`` a list of two pairs has the same shape as two columns; the columns reading wins
+    (the batched form of Gymnasium's ``Tuple`` space). Two bare strings are refused as ambiguous.
+    """
+    form = f"(responses_a, responses_b), each a sequence of {n} strings"
+    if isinstance(actions, np.ndarray):
+        if actions.ndim != 2 or actions.shape != (2, n):
+            raise AlignEnvError(f"pairwise vector actions must be {form}; got an array of shape {actions.shape}, "
+                                f"need shape (2, {n})")
+    elif isinstance(actions, (str, bytes)) or not isinstance(actions, (tuple, list)):
+        raise AlignEnvError(f"pairwise vector actions must be {form}; got {type(actions).__name__}")
+    elif len(actions) != 2:
+        hint = " (a list of (a, b) pairs? pass tuple(zip(*pairs)))" if len(actions) == n else ""
+        raise AlignEnvError(f"pairwise vector actions must be {form}; got a sequence of {len(actions)}{hint}")
+    a, b = actions[0], actions[1]
+    if isinstance(a, str) and isinstance(b, str):
+        raise AlignEnvError(f"ambiguous pairwise vector action: two strings. The vector env needs {form}; "
+                            f"for one pair with num_envs=1 write ([a], [b])")
+    for name, col in (("responses_a", a), ("responses_b", b)):
+        if hasattr(col, "__len__") and not isinstance(col, (str, bytes)) and len(col) != n:
+            raise AlignEnvError(f"pairwise vector actions must be {form}; {name} has {len(col)}")
+    return list(zip(check_texts(a, "responses_a", n, MAX_RESPONSE_CHARS),
+                    check_texts(b, "responses_b", n, MAX_RESPONSE_CHARS)))
 
 
 def _observation(item: PromptItem) -> dict[str, Any]:
@@ -93,6 +180,8 @@ def _rng_state(rng: np.random.Generator | None) -> dict[str, Any] | None:
 def _rng_from_state(state: dict[str, Any] | None) -> np.random.Generator | None:
     if state is None:
         return None
+    if not isinstance(state, dict):
+        raise AlignEnvError(f"corrupt env state: np_random must be a dict, got {type(state).__name__}")
     kind = state.get("bit_generator")
     if kind not in ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64"):
         raise AlignEnvError(f"unknown bit generator {kind!r} in the env state")
@@ -147,10 +236,10 @@ class AlignEnv(gym.Env[dict, Any]):
         self._last: str = ""
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
+        super().reset(seed=_check_seed(seed))
         if seed is not None:
             self._sampler.restart()
-        options = options or {}
+        options = _check_options(options)
         if "prompt_id" in options:
             self._item = self._sampler.by_id(options["prompt_id"])
         else:
@@ -162,12 +251,10 @@ class AlignEnv(gym.Env[dict, Any]):
             raise AlignEnvError("step() called before reset() (or after the episode ended): call reset() first")
         if self.feedback == "pairwise":
             action = check_pair(action)
-            too_long = [len(x) > MAX_RESPONSE_CHARS for x in action]
         else:
             action = check_response(action)
-            too_long = [len(action) > MAX_RESPONSE_CHARS]
-        if any(too_long):
-            raise AlignEnvError(f"response longer than {MAX_RESPONSE_CHARS} characters")
+        for text in action if self.feedback == "pairwise" else [action]:
+            check_text(text, "response", MAX_RESPONSE_CHARS)
         item, self._item = self._item, None
         (verdict,), cost = _judge(self.annotator, self.feedback, [item], [action])
         info = _step_info(self.feedback, item, verdict) | {"feedback_cost": cost}
@@ -181,9 +268,10 @@ class AlignEnv(gym.Env[dict, Any]):
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`get_state` snapshot: the next ``reset``/``step`` behave as they would have then."""
+        rng, seed, ids = _restore(self._sampler, state, "item")
         self._sampler.set_state(state["sampler"])
-        self._np_random, self._np_random_seed = _rng_from_state(state["np_random"]), state["np_random_seed"]
-        self._item = None if state["item"] is None else self._sampler.by_id(state["item"])
+        self._np_random, self._np_random_seed = rng, seed
+        self._item = self._sampler.by_id(ids[0]) if ids else None
 
     def render(self):
         if self.render_mode == "ansi":
@@ -206,9 +294,9 @@ class AlignVectorEnv(VectorEnv):
     def __init__(self, num_envs: int = 8, track: str = "summarize", feedback: str = "pairwise",
                  annotator: Any = "rules", split: str = "train", source: str = "embedded",
                  track_kwargs: dict | None = None, render_mode: str | None = None):
-        if int(num_envs) < 1:
-            raise AlignEnvError(f"num_envs must be >= 1, got {num_envs}")
-        self.num_envs = int(num_envs)
+        if render_mode is not None:
+            raise AlignEnvError(f"AlignVectorEnv has no render modes, got render_mode={render_mode!r}")
+        self.num_envs = _num_envs(num_envs)
         self.track = get_track(track, source, **(track_kwargs or {}))
         self.feedback, self.split, self.render_mode = feedback, split, render_mode
         self.single_observation_space, self.single_action_space = _spaces(feedback)
@@ -223,25 +311,22 @@ class AlignVectorEnv(VectorEnv):
         return {"prompt": tuple(i.prompt for i in self._items), "messages": tuple(i.messages for i in self._items)}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
+        super().reset(seed=_check_seed(seed))
         if seed is not None:
             self._sampler.restart()
+        _check_options(options)
         obs = self._draw()
         return obs, {"prompt_id": np.array([i.id for i in self._items], dtype=object)}
 
     def _unbatch(self, actions: Any) -> list:
-        n = self.num_envs
         if self.feedback == "pairwise":
-            shape_ok = isinstance(actions, (tuple, list)) and len(actions) == 2
-            a, b = actions if shape_ok else ("", "")
-            if not shape_ok or isinstance(a, str) or isinstance(b, str) or len(a) != n or len(b) != n:
-                raise AlignEnvError(
-                    f"pairwise vector actions must be (responses_a, responses_b), each a sequence of {n} strings"
-                )
-            return [check_pair((x, y)) for x, y in zip(a, b)]
-        if isinstance(actions, str) or len(actions) != n:
-            raise AlignEnvError(f"scalar vector actions must be a sequence of {n} strings")
-        return [check_response(x, where=f"response {i}") for i, x in enumerate(actions)]
+            return _unbatch_pairs(actions, self.num_envs)
+        if isinstance(actions, str):
+            raise AlignEnvError(f"scalar vector actions must be a sequence of {self.num_envs} strings, not one string")
+        if hasattr(actions, "__len__") and len(actions) != self.num_envs:
+            raise AlignEnvError(f"scalar vector actions must be a sequence of {self.num_envs} strings, "
+                                f"got {len(actions)}")
+        return check_texts(actions, "scalar vector actions", self.num_envs, MAX_RESPONSE_CHARS)
 
     def step(self, actions: Any):
         if not self._items:
@@ -273,11 +358,15 @@ class AlignVectorEnv(VectorEnv):
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`get_state` snapshot; :meth:`current_observation` then gives the pending batch."""
-        if state.get("num_envs") != self.num_envs:
-            raise AlignEnvError(f"env state is for num_envs={state.get('num_envs')}, this env has {self.num_envs}")
+        if not isinstance(state, dict) or state.get("num_envs") != self.num_envs:
+            got = state.get("num_envs") if isinstance(state, dict) else type(state).__name__
+            raise AlignEnvError(f"env state is for num_envs={got!r:.40}, this env has {self.num_envs}")
+        rng, seed, ids = _restore(self._sampler, state, "items")
+        if ids and len(ids) != self.num_envs:
+            raise AlignEnvError(f"corrupt env state: {len(ids)} pending prompts for num_envs={self.num_envs}")
         self._sampler.set_state(state["sampler"])
-        self._np_random, self._np_random_seed = _rng_from_state(state["np_random"]), state["np_random_seed"]
-        self._items = [self._sampler.by_id(i) for i in state["items"]]
+        self._np_random, self._np_random_seed = rng, seed
+        self._items = [self._sampler.by_id(i) for i in ids]
 
     def current_observation(self) -> tuple[dict[str, tuple], dict[str, Any]]:
         """The pending batch (what the last ``reset``/``step`` returned) as ``(obs, info)``."""

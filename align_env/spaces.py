@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 from gymnasium.spaces import Space
 
+from align_env.errors import BadTextError, TextTypeError
+from align_env.text import check_text
+
 # Printable sample alphabet: ASCII letters, digits, punctuation, whitespace and some non-ASCII text.
 _SAMPLE_ALPHABET = (
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -95,22 +98,18 @@ class ChatMessages(Space[list]):
 
 
 def check_response(response: Any, *, where: str = "response") -> str:
-    """Validate one agent response: a ``str`` (may be empty; the annotator judges it)."""
-    if isinstance(response, bytes):
-        raise TypeError(f"{where} must be str, got bytes; decode it first (e.g. .decode('utf-8'))")
-    if not isinstance(response, str):
-        raise TypeError(f"{where} must be str, got {type(response).__name__}: {response!r:.80}")
-    return response
+    """Validate one agent response under the text policy (:mod:`align_env.text`): a ``str``, may be empty."""
+    return check_text(response, where)
 
 
-def check_pair(action: Any) -> tuple[str, str]:
-    """Validate a pairwise action: a pair (tuple or list) of two strings."""
+def check_pair(action: Any, *, where: str = "") -> tuple[str, str]:
+    """Validate a pairwise action: a pair (tuple, list or 1-d array) of two strings."""
     is_vector = isinstance(action, np.ndarray) and action.ndim == 1
     if isinstance(action, str) or not (isinstance(action, Sequence) or is_vector):
-        raise TypeError(
-            "pairwise feedback needs a pair of responses (a, b); got "
+        raise TextTypeError(
+            f"pairwise feedback needs a pair of responses (a, b){where}; got "
             f"{type(action).__name__}. Use feedback='scalar' to score a single response."
         )
     if len(action) != 2:
-        raise ValueError(f"pairwise feedback needs exactly 2 responses, got {len(action)}")
-    return check_response(action[0], where="response a"), check_response(action[1], where="response b")
+        raise BadTextError(f"pairwise feedback needs exactly 2 responses{where}, got {len(action)}")
+    return check_response(action[0], where=f"response a{where}"), check_response(action[1], where=f"response b{where}")

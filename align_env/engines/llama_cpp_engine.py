@@ -141,10 +141,11 @@ class LlamaCppEngine:
     # -- text <-> tokens ------------------------------------------------------------------------------------
     def render(self, prompt: PromptInput, add_generation_prompt: bool = True) -> str:
         """Chat messages -> the model's prompt text (the GGUF's template, or the plain one for base models)."""
+        from align_env.text import check_prompt
+
+        prompt = check_prompt(prompt)
         if isinstance(prompt, str):
             return prompt
-        if not isinstance(prompt, list) or not all(isinstance(m, dict) for m in prompt):
-            raise TypeError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
         from transformers.utils.chat_template_utils import render_jinja_template
 
         rendered, _ = render_jinja_template(

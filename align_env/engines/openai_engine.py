@@ -201,10 +201,11 @@ class OpenAIEngine:
     # -- rendering ----------------------------------------------------------------------------------------------
     def render(self, prompt: PromptInput, add_generation_prompt: bool = True) -> str:
         """Messages -> text for ``/completions``, with ``chat_template`` (the plain template by default)."""
+        from align_env.text import check_prompt
+
+        prompt = check_prompt(prompt)
         if isinstance(prompt, str):
             return prompt
-        if not isinstance(prompt, list) or not all(isinstance(m, dict) for m in prompt):
-            raise TypeError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
         from transformers.utils.chat_template_utils import render_jinja_template
 
         from align_env.engines.transformers_engine import PLAIN_TEMPLATE
@@ -220,12 +221,9 @@ class OpenAIEngine:
     def generate(self, prompts: Sequence[PromptInput], *, n: int = 1, temperature: float = 0.7, top_p: float = 1.0,
                  max_new_tokens: int = 64, seed: int | None = None) -> list[list[Generation]]:
         """``n`` samples per prompt, one request each (seeded by (seed, prompt, sample) when ``seed`` is set)."""
-        if max_new_tokens < 1:
-            raise AlignEnvError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise AlignEnvError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        if n < 1:
-            raise AlignEnvError(f"n must be >= 1, got {n}")
+        from align_env.text import check_sampling
+
+        check_sampling(n, temperature, top_p, max_new_tokens)
         prompts = list(prompts)
         tasks = [(i, k) for i in range(len(prompts)) for k in range(n)]
 

@@ -15,6 +15,7 @@ import torch
 
 from align_env.engines import ContinuationScore, Generation, PromptInput
 from align_env.errors import AlignEnvError, did_you_mean
+from align_env.text import check_prompt, check_sampling, check_texts
 
 OVERFLOW_POLICIES = ("truncate_left", "error")
 # Plain template for base models without a chat template (Gemma-3-270M base, tiny test models).
@@ -58,10 +59,9 @@ class TransformersEngine:
 
     def render(self, prompt: PromptInput, add_generation_prompt: bool = True) -> str:
         """Chat messages -> the model's prompt text (the plain template for base models)."""
+        prompt = check_prompt(prompt)
         if isinstance(prompt, str):
             return prompt
-        if not isinstance(prompt, list) or not all(isinstance(m, dict) for m in prompt):
-            raise TypeError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
         template = None if self.has_chat_template else PLAIN_TEMPLATE
         return self.tokenizer.apply_chat_template(
             prompt, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
@@ -92,11 +92,11 @@ class TransformersEngine:
     def generate(self, prompts: Sequence[PromptInput], *, n: int = 1, temperature: float = 0.7, top_p: float = 1.0,
                  max_new_tokens: int = 64, seed: int | None = None) -> list[list[Generation]]:
         """``n`` samples per prompt (greedy when ``temperature == 0``), seeded, batched with left padding."""
-        if max_new_tokens < 1 or max_new_tokens >= self.max_context:
+        check_sampling(n, temperature, top_p, max_new_tokens)
+        if max_new_tokens >= self.max_context:
             raise AlignEnvError(f"max_new_tokens must be in [1, {self.max_context}), got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise AlignEnvError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        encoded = [self._fit(self.encode(self.render(p)), self.max_context - max_new_tokens) for p in prompts]
+        budget = self.max_context - max_new_tokens
+        encoded = [self._fit(self.encode(self.render(p)) or self._bos() or self._empty(), budget) for p in prompts]
         eos = self._eos_ids()
         results: list[list[Generation]] = []
         rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
@@ -182,7 +182,8 @@ class TransformersEngine:
         token is given, when the model has no BOS).
         """
         if len(contexts) != len(continuations):
-            raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+            raise AlignEnvError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+        continuations = check_texts(continuations, "continuations")
         rows = []
         for ctx, cont in zip(contexts, continuations):
             ctx_ids = self.encode(self.render(ctx)) if (ctx or not isinstance(ctx, str)) else self._bos()
@@ -198,6 +199,11 @@ class TransformersEngine:
             for k, result in zip(batch, self._score_batch([rows[k] for k in batch])):
                 out[k] = result
         return out  # type: ignore[return-value]
+
+    def _empty(self) -> list[int]:
+        """An empty prompt for a model without BOS: start from its pad/EOS token rather than from nothing."""
+        tid = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.pad_token_id
+        return [tid]
 
     def _bos(self) -> list[int]:
         bos = self.tokenizer.bos_token_id
@@ -251,7 +257,7 @@ class TransformersEngine:
         Used by prompted judges: the preference is the softmax over the answer tokens' log-probabilities.
         """
         first = {}
-        for cand in candidates:
+        for cand in check_texts(candidates, "candidates"):
             ids = self.tokenizer(cand, add_special_tokens=False)["input_ids"]
             if not ids:
                 raise AlignEnvError(f"candidate {cand!r} has no tokens")

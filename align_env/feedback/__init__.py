@@ -84,6 +84,9 @@ def _with_cache(annotator, parsed: AnnotatorSpec):
     from align_env.feedback.cache import CachedAnnotator, JudgementStore
 
     raw = parsed.params.get("cache", "memory" if parsed.family not in ("rules", "self") else "off")
+    if not isinstance(raw, (str, bool)) and raw not in (0, None):  # cache=inf or cache=3 is no file name
+        raise AlignEnvError(f"annotator {parsed.family!r}: parameter 'cache' got {raw!r:.40}; accepted: memory, disk, "
+                            "off or a file path")
     mode = "off" if raw in (False, None, 0, "none", "no") else "memory" if raw is True else str(raw)
     cacheable = getattr(annotator, "cacheable", True) and getattr(annotator, "deterministic", False)
     if mode == "off" or not cacheable:
@@ -117,8 +120,8 @@ def with_length_control(annotator: Any, instruction: str) -> Any:
         raise AlignEnvError("length_control needs an annotator spec string, not an annotator object")
     spec = parse_spec(annotator) if isinstance(annotator, str) else annotator
     if spec.family == "llm_judge":
-        return str(AnnotatorSpec(spec.family, spec.model, {**spec.params, "suffix": instruction}))
+        return str(AnnotatorSpec(spec.family, spec.model, {**spec.params, "suffix": instruction}, spec.raw))
     if spec.family == "rules":
-        return str(AnnotatorSpec(spec.family, spec.model, {**spec.params, "prefer": "short"}))
+        return str(AnnotatorSpec(spec.family, spec.model, {**spec.params, "prefer": "short"}, spec.raw))
     raise AlignEnvError(f"annotator family {spec.family!r} takes no length-control instruction; use llm_judge or rules")
 

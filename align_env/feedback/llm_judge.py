@@ -16,6 +16,10 @@ additive prior exactly and cannot saturate. ``calibrate=none`` (the default) kee
 ``last_details`` holds, per item, p_ab, p_ba, the log-odds l_ab, l_ba and the prior, so an evaluation can
 report position consistency before and after calibration from one run.
 
+Overlong inputs: a judge prompt longer than the engine's context is cut by the engine's policy (transformers:
+the oldest tokens go, so the rubric's start is lost first; ``overflow="error"`` raises PromptTooLongError);
+``last_details[i]["truncated"]`` records it in every mode.
+
 Pointwise mode (Yuan et al. 2024, the additive 5-point rubric): the judge writes a short justification and
 "Score: N"; each response is judged ``samples`` times and averaged (the paper uses 3). An answer with no
 parseable score abstains. ``pointwise="expected"`` instead reads the expected score from the next-token
@@ -128,6 +132,8 @@ class LLMJudge:
 
     def _label_logprobs(self, contexts: list[list[dict]]) -> list[tuple[float, float]]:
         engine = self._engine()
+        if not contexts:  # an empty batch asks nothing
+            return []
         a, b = self._labels(contexts[0])
         if "next_token" in getattr(engine, "capabilities", ()):
             rows = engine.next_token_logprobs(contexts, [a, b])
@@ -142,6 +148,15 @@ class LLMJudge:
             len(t) // 4 for t in texts)
         self._meter.cost.tokens_in += n_in
         self._meter.cost.tokens_out += out_tokens
+
+    def _truncated(self, contexts: Sequence, reserve: int = 0) -> list[bool]:
+        """Per context: whether the engine must cut it to fit (engines that expose ``max_context`` and
+        ``encode``; the transformers engine drops the oldest tokens). Others report False."""
+        engine = self._engine()
+        limit, encode = getattr(engine, "max_context", None), getattr(engine, "encode", None)
+        if not isinstance(limit, int) or not callable(encode):
+            return [False] * len(contexts)
+        return [len(encode(c if isinstance(c, str) else engine.render(c))) > limit - reserve for c in contexts]
 
     def pairwise_prompt(self, item, first: str, second: str) -> list[dict]:
         text = self.pairwise_template.format(rubric=self.rubric, request=item.prompt, response_a=first,
@@ -165,6 +180,7 @@ class LLMJudge:
             if self.both_orders:
                 contexts += [self.pairwise_prompt(i, y, x) for i, x, y in zip(items, a, b)]
             self._count_tokens([c[0]["content"] for c in contexts])
+            cut = self._truncated(contexts)
             pairs = self._label_logprobs(contexts)
             prior = self.order_prior() if self.calibrate == "content_free" else None
         probs = [_softmax2(la, lb) for la, lb in pairs]
@@ -174,7 +190,8 @@ class LLMJudge:
         for k in range(n):
             p_ab, l_ab = probs[k], odds[k]
             p_ba, l_ba = (probs[n + k], odds[n + k]) if self.both_orders else (None, None)
-            self.last_details.append({"p_ab": p_ab, "p_ba": p_ba, "l_ab": l_ab, "l_ba": l_ba, "prior": prior})
+            self.last_details.append({"p_ab": p_ab, "p_ba": p_ba, "l_ab": l_ab, "l_ba": l_ba, "prior": prior,
+                                      "truncated": cut[k] or (self.both_orders and cut[n + k])})
             if p_ab is None or (self.both_orders and p_ba is None):
                 out.append(None)
             elif prior is not None:
@@ -200,6 +217,9 @@ class LLMJudge:
 
     def score(self, prompts_: Sequence[Prompt], responses: Sequence[str]) -> list[Verdict]:
         check_batch(prompts_, responses)
+        if not len(prompts_):
+            self.last_details = []
+            return []
         items = [as_item(p) for p in prompts_]
         contexts = [self.pointwise_prompt(i, r) for i, r in zip(items, responses)]
         with self._meter.measure(calls=len(items)):
@@ -209,6 +229,10 @@ class LLMJudge:
 
     def _generated_scores(self, contexts: list[list[dict]]) -> list[Verdict]:
         engine = self._engine()
+        limit = getattr(engine, "max_context", None)
+        if isinstance(limit, int) and self.max_new_tokens >= limit:
+            raise AlignEnvError(f"annotator {self.spec!r}: parameter max_new_tokens={self.max_new_tokens} does not "
+                                f"fit the model's context of {limit} tokens; accepted: 1 <= max_new_tokens < {limit}")
         gens = engine.generate(contexts, n=self.samples, temperature=self.temperature,
                                max_new_tokens=self.max_new_tokens, seed=self.seed)
         self._count_tokens([c[0]["content"] for c in contexts], sum(g.tokens for row in gens for g in row))
@@ -217,7 +241,8 @@ class LLMJudge:
             parsed = [parse_score(g.text) for g in row]
             valid = [s for s in parsed if s is not None]
             out.append(sum(valid) / len(valid) if valid else None)
-            self.last_details.append({"parsed": parsed, "unparsed": parsed.count(None)})
+            self.last_details.append({"parsed": parsed, "unparsed": parsed.count(None),
+                                      "truncated": any(getattr(g, "truncated_prompt", False) for g in row)})
         return out
 
     def expected_context(self, context: list[dict]) -> str:
@@ -232,6 +257,7 @@ class LLMJudge:
         rendered = [self.expected_context(c) for c in contexts]
         digits = [str(d) for d in range(6)]
         self._count_tokens(rendered)
+        self.last_details = [{"truncated": c} for c in self._truncated(rendered)]
         rows = engine.next_token_logprobs(rendered, digits)
         out = []
         for row in rows:

@@ -2,7 +2,9 @@
 reward), e.g. a Bradley-Terry reward model or the one the RLSF agent trains.
 
 The input is the chat-rendered dialogue with the response as the assistant turn (the plain template for
-models without a chat template). Pairwise: P(a > b) = sigmoid(r_a - r_b), the Bradley-Terry probability.
+models without a chat template). A dialogue longer than ``max_length`` (capped by the model's position
+embeddings) loses its oldest tokens (left truncation keeps the response); ``last_details[i]["truncated"]``
+records it. Pairwise: P(a > b) = sigmoid(r_a - r_b), the Bradley-Terry probability.
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ class RewardModel:
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.tokenizer.truncation_side = "left"  # keep the response when a dialogue is too long
-        self.batch_size, self.max_length, self.spec = batch_size, max_length, spec
+        from align_env.feedback.base import model_max_length
+
+        self.max_length = model_max_length(self.model, self.tokenizer, max_length)
+        self.batch_size, self.spec = int(batch_size), spec
         self._meter = CostMeter()
+        self.last_details: list[dict] = []  # per item of the last call: {"truncated": bool}
 
     @property
     def cost(self):
@@ -53,6 +59,7 @@ class RewardModel:
     @torch.no_grad()
     def _rewards(self, items, responses: Sequence[str]) -> list[float]:
         texts = [self.render(i, r) for i, r in zip(items, responses)]
+        self._cut = [len(ids) > self.max_length for ids in self.tokenizer(texts)["input_ids"]] if texts else []
         out = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
@@ -64,7 +71,9 @@ class RewardModel:
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[Verdict]:
         check_batch(prompts, responses)
         with self._meter.measure(calls=len(prompts)):
-            return self._rewards([as_item(p) for p in prompts], list(responses))
+            out = self._rewards([as_item(p) for p in prompts], list(responses))
+        self.last_details = [{"truncated": c} for c in self._cut]
+        return out
 
     def pairwise(self, prompts: Sequence[Prompt], a: Sequence[str], b: Sequence[str]) -> list[Verdict]:
         check_batch(prompts, a, b)
@@ -72,4 +81,5 @@ class RewardModel:
         with self._meter.measure(calls=len(items)):
             r = self._rewards(items + items, list(a) + list(b))
         n = len(items)
+        self.last_details = [{"truncated": self._cut[k] or self._cut[n + k]} for k in range(n)]
         return [1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, r[k] - r[n + k])))) for k in range(n)]
