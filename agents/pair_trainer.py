@@ -57,6 +57,10 @@ class PairTrainingConfig:
     grad_accum: int = field(default=1, metadata={
         "help": "update() calls (env steps) per optimizer step; the effective batch is num_envs * grad_accum "
                 "pairs (paper: 128)"})
+    micro_pairs: int = field(default=0, metadata={
+        "help": "pairs per forward/backward inside one update (0: all at once). Bounds the update's memory "
+                "(activations and vocab-wide logits of a micro-batch only); gradients are accumulated so the "
+                "update equals the full-batch one to float tolerance"})
     max_grad_norm: float | None = field(default=1.0, metadata={
         "help": "clip the gradient norm (TRL's default 1.0; the paper does not say); None disables"})
     lora: bool = field(default=True, metadata={
@@ -79,6 +83,7 @@ class PairTrainingConfig:
             self.lr = 5e-5 if self.lora else 5e-7
         self.require({"beta > 0": self.beta > 0, "max_new_tokens >= 1": self.max_new_tokens >= 1, "lr > 0": self.lr > 0,
                       "warmup_steps >= 0": self.warmup_steps >= 0, "grad_accum >= 1": self.grad_accum >= 1,
+                      "micro_pairs >= 0": self.micro_pairs >= 0,
                       "lora_r >= 1": self.lora_r >= 1, "max_nonfinite >= 1": self.max_nonfinite >= 1})
 
     def require(self, checks: dict[str, bool]) -> None:
@@ -119,6 +124,9 @@ class PairTrainer:
 
     def train(self, prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]]) -> dict[str, float]:
         """One micro-step of ``loss(h)`` on the pairs (none: the step still counts toward accumulation)."""
+        size = self.config.micro_pairs
+        if size and len(prompts) > size:
+            return self._train_chunked(prompts, chosen, rejected, size)
         return self.train_with(partial(self._pair_loss, prompts, chosen, rejected) if prompts else None)
 
     def train_with(self, compute: Callable[[], tuple[torch.Tensor, dict[str, float]]] | None) -> dict[str, float]:
@@ -143,6 +151,31 @@ class PairTrainer:
             return {}
         self.micro_steps += self.config.grad_accum - self.micro_steps % self.config.grad_accum
         return self._step()
+
+    def _train_chunked(self, prompts, chosen, rejected, size: int) -> dict[str, float]:
+        """:meth:`train` with forward/backward on ``size`` pairs at a time, each chunk's loss weighted by its
+        share of the batch, so the gradients sum to those of the full-batch mean loss."""
+        n, saved = len(prompts), [None if p.grad is None else p.grad.clone() for p in self.params]
+        total, sums, finite = 0.0, {}, True
+        for lo in range(0, n, size):
+            sl = slice(lo, lo + size)
+            loss, metrics = self._pair_loss(prompts[sl], chosen[sl], rejected[sl])
+            k = len(prompts[sl])
+            if not torch.isfinite(loss):
+                finite = False
+                self._nonfinite(f"loss {loss.item()}")
+                break
+            (loss * (k / n) / self.config.grad_accum).backward()
+            total += loss.item() * k / n
+            for key, v in metrics.items():
+                sums[key] = sums.get(key, 0.0) + (v if key == "trained_tokens" else v * k / n)
+        if not finite:  # as the full-batch path: no gradient from this update
+            for p, g in zip(self.params, saved):
+                p.grad = g
+            sums = None
+        else:
+            self.nonfinite_run = 0
+        return self.train_with(None) | ({"loss": total} | sums if sums is not None else {})
 
     def _backward(self, compute) -> dict[str, float]:
         loss, metrics = compute()
