@@ -21,7 +21,7 @@ from gymnasium.vector.utils import batch_space
 from align_env.errors import AlignEnvError, did_you_mean
 from align_env.feedback import FeedbackCost, make_annotator, validate_verdicts
 from align_env.spaces import ChatMessages, UnicodeText, check_pair, check_response
-from align_env.text import check_text, check_texts
+from align_env.text import check_texts
 from align_env.tracks import PromptItem, get_track
 
 FEEDBACK_KINDS = ("pairwise", "scalar")
@@ -79,15 +79,17 @@ class PromptSampler:
         if not isinstance(state, dict):
             raise AlignEnvError(f"corrupt sampler state: expected a dict, got {type(state).__name__}")
         if state.get("n_items") != len(self.items) or state.get("first_id") != self.items[0].id:
-            raise AlignEnvError(f"sampler state is for a split of {state.get('n_items')!r:.40} prompts starting with "
-                                f"{state.get('first_id')!r:.80}, not this one ({len(self.items)}, {self.items[0].id!r})")
+            raise AlignEnvError(f"sampler state is for a split of {state.get('n_items')!r:.40} prompts starting "
+                                f"with {state.get('first_id')!r:.80}, not this one ({len(self.items)}, "
+                                f"{self.items[0].id!r})")
         order, pos = state.get("order"), state.get("pos")
         if not isinstance(order, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in order):
             raise AlignEnvError("corrupt sampler state: order must be a list of ints")
         if isinstance(pos, bool) or not isinstance(pos, int):
             raise AlignEnvError(f"corrupt sampler state: pos must be an int, got {type(pos).__name__}")
         if order and sorted(order) != list(range(len(self.items))) or not 0 <= pos <= len(order):
-            raise AlignEnvError("corrupt sampler state: order is not a permutation of the split or position out of range")
+            raise AlignEnvError("corrupt sampler state: order is not a permutation of the split or position out of "
+                                "range")
         self._order, self._pos = np.asarray(order, dtype=np.int64), pos
 
 
@@ -250,11 +252,9 @@ class AlignEnv(gym.Env[dict, Any]):
         if self._item is None:
             raise AlignEnvError("step() called before reset() (or after the episode ended): call reset() first")
         if self.feedback == "pairwise":
-            action = check_pair(action)
+            action = check_pair(action, max_chars=MAX_RESPONSE_CHARS)
         else:
-            action = check_response(action)
-        for text in action if self.feedback == "pairwise" else [action]:
-            check_text(text, "response", MAX_RESPONSE_CHARS)
+            action = check_response(action, max_chars=MAX_RESPONSE_CHARS)
         item, self._item = self._item, None
         (verdict,), cost = _judge(self.annotator, self.feedback, [item], [action])
         info = _step_info(self.feedback, item, verdict) | {"feedback_cost": cost}

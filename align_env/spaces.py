@@ -13,7 +13,7 @@ import numpy as np
 from gymnasium.spaces import Space
 
 from align_env.errors import BadTextError, TextTypeError
-from align_env.text import check_text
+from align_env.text import MAX_TEXT_CHARS, check_text
 
 # Printable sample alphabet: ASCII letters, digits, punctuation, whitespace and some non-ASCII text.
 _SAMPLE_ALPHABET = (
@@ -97,12 +97,12 @@ class ChatMessages(Space[list]):
         return isinstance(other, ChatMessages) and other.max_messages == self.max_messages
 
 
-def check_response(response: Any, *, where: str = "response") -> str:
+def check_response(response: Any, *, where: str = "response", max_chars: int = MAX_TEXT_CHARS) -> str:
     """Validate one agent response under the text policy (:mod:`align_env.text`): a ``str``, may be empty."""
-    return check_text(response, where)
+    return check_text(response, where, max_chars)
 
 
-def check_pair(action: Any, *, where: str = "") -> tuple[str, str]:
+def check_pair(action: Any, *, where: str = "", max_chars: int = MAX_TEXT_CHARS) -> tuple[str, str]:
     """Validate a pairwise action: a pair (tuple, list or 1-d array) of two strings."""
     is_vector = isinstance(action, np.ndarray) and action.ndim == 1
     if isinstance(action, str) or not (isinstance(action, Sequence) or is_vector):
@@ -112,4 +112,5 @@ def check_pair(action: Any, *, where: str = "") -> tuple[str, str]:
         )
     if len(action) != 2:
         raise BadTextError(f"pairwise feedback needs exactly 2 responses{where}, got {len(action)}")
-    return check_response(action[0], where=f"response a{where}"), check_response(action[1], where=f"response b{where}")
+    return (check_response(action[0], where=f"response a{where}", max_chars=max_chars),
+            check_response(action[1], where=f"response b{where}", max_chars=max_chars))

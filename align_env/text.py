@@ -1,6 +1,6 @@
 """Text safety: the one check every prompt and response passes before an annotator or engine sees it.
 
-Policy (docs/text-policy.md):
+Policy (docs/inputs.md):
 
 * a text is a ``str`` (``numpy.str_`` counts and becomes a plain ``str``); ``bytes``, ``None``, numbers and
   containers raise :class:`~align_env.errors.TextTypeError` naming the field and the type;
@@ -13,11 +13,13 @@ Policy (docs/text-policy.md):
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
+from numbers import Integral, Real
 from typing import Any
 
-from align_env.errors import BadTextError, TextTypeError
+from align_env.errors import AlignEnvError, BadTextError, TextTypeError
 
 MAX_TEXT_CHARS = 1_000_000  # prompts and annotator inputs; the env's actions have their own, smaller limit
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -75,11 +77,6 @@ def check_prompt(prompt: Any, where: str = "prompt") -> Any:
 
 def check_sampling(n: Any, temperature: Any, top_p: Any, max_new_tokens: Any) -> None:
     """Generation settings every engine shares: ints >= 1, a finite temperature >= 0, 0 < top_p <= 1."""
-    import math
-    from numbers import Integral, Real
-
-    from align_env.errors import AlignEnvError
-
     for name, value in (("n", n), ("max_new_tokens", max_new_tokens)):
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
             raise AlignEnvError(f"{name} must be an int >= 1, got {value!r:.40}")

@@ -49,7 +49,8 @@ class EmbeddingSimilarity:
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         out = []
-        self.truncated = [len(ids) > self.max_length for ids in self.tokenizer(list(texts))["input_ids"]] if texts else []
+        lengths = [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]] if texts else []
+        self.truncated = [n > self.max_length for n in lengths]
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(list(texts[start : start + self.batch_size]), padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt")

@@ -77,7 +77,8 @@ SEED = Param(int, 0, 2**63 - 1)
 CACHE = Param(str)  # memory | disk | off | a path; booleans map to memory/off
 
 FAMILY_PARAMS: dict[str, dict[str, Param]] = {
-    "rules": {"temperature": TEMPERATURE, "length_penalty": Param(float, 0.0, 100.0), "prefer": Param(str, choices=("short",)),
+    "rules": {"temperature": TEMPERATURE, "length_penalty": Param(float, 0.0, 100.0),
+              "prefer": Param(str, choices=("short",)),
               "oracle": Param(bool)},
     "llm_judge": {"mode": Param(str, choices=("pairwise", "pointwise")), "suffix": Param(str),
                   "prompt_version": Param(str), "both_orders": Param(bool), "samples": _pos_int(1024),
@@ -87,7 +88,8 @@ FAMILY_PARAMS: dict[str, dict[str, Param]] = {
     "likelihood": {"mode": Param(str, choices=("pmi", "mean_logprob", "reconstruction")), "temperature": TEMPERATURE},
     "embedding": {"temperature": TEMPERATURE, "batch_size": _pos_int(4096), "max_length": _pos_int(1_000_000)},
     "reward_model": {"batch_size": _pos_int(4096), "max_length": _pos_int(1_000_000), "trust_remote_code": Param(bool)},
-    "pool": {"noise": Param(float, 0.0, 0.5, hi_open=True), "seed": SEED, "combine": Param(str, choices=("route", "mean"))},
+    "pool": {"noise": Param(float, 0.0, 0.5, hi_open=True), "seed": SEED,
+             "combine": Param(str, choices=("route", "mean"))},
 }
 FAMILY_PARAMS["self"] = FAMILY_PARAMS["llm_judge"]
 

@@ -64,7 +64,8 @@ def parse_spec(spec: str) -> AnnotatorSpec:
     repeated parameters, and control or unencodable characters (lone surrogates, bad %-escapes).
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise AlignEnvError(f"annotator spec must be a non-empty string like 'smollm2-135m:likelihood', got {spec!r:.80}")
+        raise AlignEnvError("annotator spec must be a non-empty string like 'smollm2-135m:likelihood', "
+                            f"got {spec!r:.80}")
     head, _, query = spec.strip().partition("?")
     _check_chars(spec, "the model:family part", head)
     model, sep, family = head.rpartition(":")

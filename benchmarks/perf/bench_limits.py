@@ -16,6 +16,7 @@ import argparse
 import time
 
 import torch
+from bench_vs_trl import matmul_peak  # the same peak the TRL comparison divides by (this folder is on sys.path)
 
 MODEL = "smollm2-135m"
 
@@ -28,12 +29,6 @@ def _best(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
-
-
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n x n fp32 matmul (best of ``repeats``)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / _best(lambda: a @ b, repeats)
 
 
 def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
