@@ -1,4 +1,4 @@
-"""Agents: one module per algorithm, a Protocol, small loss functions (DESIGN.md, "Agents").
+"""Agents: one module per algorithm, a Protocol, small loss functions (README, "Agents and training runs").
 
 ``make_agent(name, *, track, annotator=None, seed=0, **config)`` builds any agent by name (built-in,
 entry-point plug-in of the group ``align_env.agents``, or ``"module:Class"``); see :mod:`agents.registry`.

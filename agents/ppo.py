@@ -332,7 +332,7 @@ class PPOTrainer:
         path = Path(folder) / PPO_FILE
         if not path.is_file():
             raise AlignEnvError(f"{folder} holds no PPO state ({PPO_FILE} is missing)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         self.value_head.load_state_dict(state["value_head"])
         try:
             self.optimizer.load_state_dict(state["optimizer"])

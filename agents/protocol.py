@@ -1,4 +1,4 @@
-"""The agent protocol (DESIGN.md, "Agents"): what the training loop calls, nothing more.
+"""The agent protocol: what the training loop calls, nothing more.
 
 An agent is any object with ``act``, ``update``, ``save`` and ``load``; no base class. It talks to a
 natively batched :class:`align_env.env.AlignVectorEnv` through the loop in :mod:`benchmarks.loop`:
