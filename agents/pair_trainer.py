@@ -22,6 +22,7 @@ import torch
 
 from agents.losses import DEFAULT_BETA, LOSSES
 from agents.policy import LoraSettings, Policy
+from align_env import memory
 from align_env.errors import AlignEnvError, did_you_mean
 
 TRAINER_FILE = "trainer.pt"
@@ -166,6 +167,7 @@ class PairTrainer:
                 self._nonfinite(f"loss {loss.item()}")
                 break
             (loss * (k / n) / self.config.grad_accum).backward()
+            memory.trim()  # this chunk's activations go back before the next chunk (align_env.memory)
             total += loss.item() * k / n
             for key, v in metrics.items():
                 sums[key] = sums.get(key, 0.0) + (v if key == "trained_tokens" else v * k / n)

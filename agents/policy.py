@@ -25,11 +25,13 @@ import json
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from align_env.engines.packed_linear import PackedLinear, can_pack, pack_linears, set_linear_weight
 from align_env.errors import AlignEnvError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -47,6 +49,21 @@ class LoraSettings:
 def autocast(bf16: bool):
     """bf16 autocast on CPU (matmuls in bf16, weights and optimizer state stay fp32), or nothing."""
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def linear_weights_to_bf16(model: torch.nn.Module) -> None:
+    """Store every linear layer's weight in bf16 (a tied output head gets its own bf16 copy; embeddings and
+    norms stay fp32). For a model that only runs under bf16 autocast this changes no number: autocast casts an
+    fp32 weight to the same bf16 values at every call; stored in bf16, the weights are read at half the bytes
+    and not cast again at every decode step, and they take half the memory."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data = module.weight.data.to(torch.bfloat16)
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to(torch.bfloat16)
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:
@@ -71,6 +88,10 @@ class Policy:
         self._sampler = None
         if lora is not None and merged_sampler:
             self._sampler = copy.deepcopy(model).requires_grad_(False).eval()
+            if bf16:
+                linear_weights_to_bf16(self._sampler)
+            if can_pack(next(self._sampler.parameters()).device):
+                pack_linears(self._sampler)
         if lora is not None:
             from peft import LoraConfig, get_peft_model
 
@@ -88,6 +109,19 @@ class Policy:
         self._sampler_engine = TransformersEngine(self._sampler, tokenizer) if self._sampler is not None else None
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    @property
+    def paths(self) -> dict[str, str]:
+        """How this policy samples on this machine (recorded in a run's config): which model, its weights'
+        storage, and the engine's decoding paths (:mod:`align_env.engines.decoding`)."""
+        sampler = self._sampler
+        if sampler is None:
+            return {"sampler": "the policy itself"} | self.engine.paths
+        packed = any(isinstance(m, PackedLinear) for m in sampler.modules())
+        dtype = "bf16" if any(isinstance(m, PackedLinear) and m.packed_dtype == torch.bfloat16 or (
+            isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.bfloat16) for m in sampler.modules()) else "fp32"
+        return {"sampler": "merged LoRA copy", "sampler_linear_weights": dtype,
+                "sampler_linear": "oneDNN packed" if packed else "torch"} | self._sampler_engine.paths
 
     # -- parameters ---------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -140,7 +174,7 @@ class Policy:
             target = sampler[name[len(prefix):] if name.startswith(prefix) else name]
             weight = module.get_base_layer().weight
             delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
-            target.weight.copy_(weight + delta)
+            set_linear_weight(target, weight + delta)
 
     # -- a new reference (iterated DPO: M_t becomes the reference of M_{t+1}) ------------------------
     @torch.no_grad()
@@ -215,7 +249,8 @@ class Policy:
         ``responses[i]`` holds the K responses to ``prompts[i]`` as token ids. With ``reference=True`` the
         reference policy scores them without gradient; otherwise the current policy does, with gradient.
         """
-        fn = _shared_prompt_logprobs if self.shared_prompt else _full_logprobs
+        fn = partial(_shared_prompt_logprobs, max_width=self.max_new_tokens + 1) if self.shared_prompt \
+            else _full_logprobs
         with autocast(self.bf16):
             if reference:
                 with torch.no_grad(), self._reference_model() as ref:
@@ -286,8 +321,22 @@ class JudgeEngine:
         return call
 
 
-def _left_pad(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(len(r) for r in rows))
+# Padded widths are rounded up to these multiples. bf16 matmuls on CPU go through oneDNN, which keeps a compiled
+# kernel for every new shape it meets: with a width per prompt length, resident memory grew by about 30 MB for
+# each new length and never came back (hundreds of lengths in a run); rounded, the shapes are few. Pad tokens are
+# masked, so the log-probabilities are the same to rounding.
+PROMPT_WIDTH_MULTIPLE = 32
+RESPONSE_WIDTH_MULTIPLE = 16
+
+
+def bucket(width: int, multiple: int, cap: int | None = None) -> int:
+    """``width`` rounded up to a multiple of ``multiple`` (never above ``cap``, never below ``width``)."""
+    rounded = -(-width // multiple) * multiple
+    return max(width, min(rounded, cap)) if cap is not None else rounded
+
+
+def _left_pad(rows: Sequence[list[int]], pad: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    width = bucket(max(1, max(len(r) for r in rows)), multiple)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
@@ -297,8 +346,9 @@ def _left_pad(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.
     return ids, mask
 
 
-def _right_pad(rows: Sequence[list[int]], pad: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    width = width or max(1, max(len(r) for r in rows))
+def _right_pad(rows: Sequence[list[int]], pad: int, width: int | None = None, multiple: int = 1,
+               cap: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = width or bucket(max(1, max(len(r) for r in rows)), multiple, cap)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
@@ -313,17 +363,18 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return -F.cross_entropy(flat, targets.reshape(-1), reduction="none").view(targets.shape)
 
 
-def _shared_prompt_logprobs(model, prompts, responses, pad: int) -> tuple[torch.Tensor, int]:
+def _shared_prompt_logprobs(model, prompts, responses, pad: int, max_width: int | None = None
+                            ) -> tuple[torch.Tensor, int]:
     """Prompt once (left-padded, cache kept), then the K responses per prompt on the repeated cache."""
     n, k = len(prompts), len(responses[0])
-    p_ids, p_mask = _left_pad(prompts, pad)
+    p_ids, p_mask = _left_pad(prompts, pad, PROMPT_WIDTH_MULTIPLE)
     p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
     device = next(model.parameters()).device
     out = model(input_ids=p_ids.to(device), attention_mask=p_mask.to(device), position_ids=p_pos.to(device),
                 use_cache=True, logits_to_keep=1)
     first_logits = out.logits[:, -1].repeat_interleave(k, dim=0)  # predicts each response's first token
     flat = [r for group in responses for r in group]
-    r_ids, r_mask = _right_pad(flat, pad)
+    r_ids, r_mask = _right_pad(flat, pad, multiple=RESPONSE_WIDTH_MULTIPLE, cap=max_width)
     width = r_ids.shape[1]
     logits = first_logits.unsqueeze(1)
     tokens = int(p_mask.sum()) + int(r_mask.sum())
@@ -349,7 +400,7 @@ def _full_logprobs(model, prompts, responses, pad: int) -> tuple[torch.Tensor, i
         for resp in group:
             rows.append(list(prompt) + list(resp))
             spans.append((len(prompt), len(resp)))
-    ids, mask = _right_pad(rows, pad)
+    ids, mask = _right_pad(rows, pad, multiple=PROMPT_WIDTH_MULTIPLE)
     device = next(model.parameters()).device
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
     width = max(1, max(r for _, r in spans))

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from agents.protocol import Transitions
+from align_env import memory
 from align_env.errors import AlignEnvError
 from benchmarks import checkpoint as ckpt
 from benchmarks import run_log
@@ -65,7 +66,7 @@ CONFIG_FILE = "config.json"
 RESULT_FILE = "result.json"
 LOCK_FILE = ".lock"
 STATE_FORMAT = 1
-NOT_IDENTITY = ("checkpoint_every", "keep_checkpoints", "version", "created")
+NOT_IDENTITY = ("checkpoint_every", "keep_checkpoints", "version", "created", "machine")
 
 
 # -- budgets and counters ----------------------------------------------------------------------------
@@ -182,7 +183,17 @@ def describe_run(agent: Any, env: Any, *, seed: int, budget: Budget, checkpoint_
               "budget": asdict(budget), "checkpoint_every": checkpoint_every, "keep_checkpoints": keep_checkpoints,
               "version": align_env.__version__}
     config |= {k: v for k, v in (run_info or {}).items() if k != "agent"}
+    config["machine"] = machine_paths(agent)
     return _jsonable(config)
+
+
+def machine_paths(agent: Any) -> dict[str, Any]:
+    """The paths this machine took where the best one differs by machine (decoding, packed weights, allocator):
+    recorded in ``config.json``, not part of a run's identity (a run may resume on another machine)."""
+    policy = getattr(agent, "policy", None)
+    paths = dict(policy.paths) if isinstance(getattr(policy, "paths", None), dict) else {}
+    return {"allocator": memory.allocator(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()} | paths
 
 
 def identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -373,8 +384,12 @@ def _train(agent, env, venv, out_dir, budget, checkpoint_every, keep_checkpoints
             while (reason := budget.stop_reason(counters, venv.num_envs)) is None:
                 start = time.perf_counter()
                 actions = agent.act(obs)
+                memory.trim()  # each phase's freed buffers go back before the next (align_env.memory)
                 next_obs, rewards, _terminated, _truncated, info = env.step(actions)
+                memory.trim()
                 metrics = dict(agent.update(Transitions.from_vector_step(actions, rewards, info)) or {})
+                memory.trim()
+                metrics["rss_mb"] = memory.resident_mb()  # after the step: growth here is a leak, not a peak
                 wall = time.perf_counter() - start
                 abstained = np.asarray(info["abstained"], dtype=bool)
                 _count(counters, info["feedback_cost"], metrics, abstained, venv.num_envs, wall)

@@ -14,6 +14,8 @@ from contextlib import nullcontext
 import torch
 
 from align_env.engines import ContinuationScore, Generation, PromptInput
+from align_env.engines.decoding import (PROMPT_WIDTH_MULTIPLE, attention_for_decoding, choose_paths,
+                                        new_reserved_cache, reserve)
 from align_env.errors import AlignEnvError, did_you_mean
 from align_env.text import check_prompt, check_sampling, check_texts
 
@@ -33,7 +35,7 @@ class TransformersEngine:
     capabilities = frozenset({"generate", "score", "next_token"})
 
     def __init__(self, model, tokenizer, *, overflow: str = "truncate_left", batch_size: int = 8,
-                 max_context: int | None = None):
+                 max_context: int | None = None, fast_decode: bool = True):
         if overflow not in OVERFLOW_POLICIES:
             raise did_you_mean("overflow policy", overflow, OVERFLOW_POLICIES)
         self.model, self.tokenizer, self.overflow, self.batch_size = model, tokenizer, overflow, int(batch_size)
@@ -43,6 +45,7 @@ class TransformersEngine:
         cfg_ctx = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_context = int(max_context or min(cfg_ctx, getattr(tokenizer, "model_max_length", cfg_ctx) or cfg_ctx))
         self.stats = {"truncated_prompts": 0}
+        self.fast_decode = bool(fast_decode)  # align_env.engines.decoding; False: transformers' own decoding
         # A base model under the plain template goes on to write the next "User:" turn: stop there.
         self.stop_strings = [] if self.has_chat_template else ["\nUser:"]
 
@@ -56,6 +59,13 @@ class TransformersEngine:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def paths(self) -> dict[str, str]:
+        """The decoding paths ``generate`` takes on this engine's device (:func:`decoding.choose_paths`)."""
+        if not self.fast_decode:
+            return {"kv_cache": "dynamic", "decode_attention": "sdpa"}
+        return choose_paths(self.device)
 
     def render(self, prompt: PromptInput, add_generation_prompt: bool = True) -> str:
         """Chat messages -> the model's prompt text (the plain template for base models)."""
@@ -120,6 +130,9 @@ class TransformersEngine:
     def _generate_batch(self, chunk, n, temperature, top_p, max_new_tokens, eos) -> list[list[Generation]]:
         pad = self.tokenizer.pad_token_id
         width = max(len(ids) for ids, _ in chunk)
+        if self.fast_decode:  # a bounded set of prefill shapes (align_env.engines.decoding); pads are masked
+            width = min(-(-width // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE, self.max_context - max_new_tokens)
+            width = max(width, max(len(ids) for ids, _ in chunk))
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, (ids, _) in enumerate(chunk):
@@ -131,12 +144,24 @@ class TransformersEngine:
         shared = self._shared_prefill(input_ids, attention, n) if n > 1 and width > 1 else {}
         if shared:  # the n samples of a prompt continue one prefill, repeated n times in the cache
             input_ids, attention = input_ids.repeat_interleave(n, dim=0), attention.repeat_interleave(n, dim=0)
-        out = self.model.generate(
+        num_return, paths = 1 if shared else n, self.paths
+        if paths["kv_cache"] == "reserved":
+            capacity = width + max_new_tokens
+            dtype = torch.float32 if torch.is_autocast_enabled(self.device.type) else None
+            shared = {"past_key_values": reserve(shared["past_key_values"], capacity, dtype) if shared
+                      else new_reserved_cache(self.model.config, capacity, dtype)}
+        with attention_for_decoding(self.model, paths["decode_attention"] == "matmul"):
+            out = self._generate(input_ids, attention, max_new_tokens, num_return, eos, pad, sampling, shared)
+        return self._decode_rows(chunk, n, out[:, width:].cpu(), eos)
+
+    def _generate(self, input_ids, attention, max_new_tokens, num_return, eos, pad, sampling, shared):
+        return self.model.generate(
             input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-            num_return_sequences=1 if shared else n, eos_token_id=eos, pad_token_id=pad, **sampling, **shared,
+            num_return_sequences=num_return, eos_token_id=eos, pad_token_id=pad, **sampling, **shared,
             **({"stop_strings": self.stop_strings, "tokenizer": self.tokenizer} if self.stop_strings else {}),
         )
-        new = out[:, width:].cpu()
+
+    def _decode_rows(self, chunk, n, new, eos) -> list[list[Generation]]:
         batch: list[list[Generation]] = []
         for row in range(len(chunk)):
             gens = []

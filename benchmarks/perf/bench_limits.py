@@ -16,6 +16,7 @@ import argparse
 import time
 
 import torch
+from align_env.engines.packed_linear import PackedLinear
 from bench_vs_trl import matmul_peak  # the same peak the TRL comparison divides by (this folder is on sys.path)
 
 MODEL = "smollm2-135m"
@@ -38,29 +39,46 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / _best(lambda: dst.copy_(src), repeats)
 
 
-def skinny_matmul_bandwidth(rows: int, d_in: int, d_out: int, repeats: int = 20) -> float:
-    """Weight bytes/s read by ``x @ W`` with a batch of ``rows`` (the shape of a decode step)."""
-    x, w = torch.randn(rows, d_in), torch.randn(d_in, d_out)
-    return w.numel() * 4 / _best(lambda: x @ w, repeats)
+def skinny_matmul_bandwidth(rows: int, d_in: int, d_out: int, dtype=torch.float32, megabytes: int = 128,
+                            repeats: int = 5) -> float:
+    """Weight bytes/s read by ``x @ W.T`` with a batch of ``rows`` (a decode step's shape), over enough distinct
+    weights (``megabytes``) that they come from memory, not from the cache, as in a decode step."""
+    w0 = torch.randn(d_out, d_in, dtype=dtype)
+    weights = [w0.clone() for _ in range(max(1, megabytes * 2**20 // (w0.numel() * w0.element_size())))]
+    x = torch.randn(rows, d_in, dtype=dtype)
+    return sum(w.numel() * w.element_size() for w in weights) / _best(
+        lambda: [torch.nn.functional.linear(x, w) for w in weights], repeats)
 
 
-def decode_bytes(model, rows: int, context: int, weight_bytes: int) -> int:
-    """Bytes one decode step reads: every weight once (the tied embedding once, as the output head) plus the
-    KV cache of ``rows`` sequences of ``context`` tokens."""
+def matmul_peak_bf16(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large bf16 matmul (the FLOP limit of bf16 decoding)."""
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    return 2 * n**3 / _best(lambda: a @ b, repeats)
+
+
+def decode_bytes(model, rows: int, context: int, weight_bytes: int, kv_element: int) -> int:
+    """Bytes one decode step reads: every weight once (as stored; a tied embedding once, as the output head)
+    plus the KV cache of ``rows`` sequences of ``context`` tokens."""
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * rows * 4
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * rows * kv_element
     return weight_bytes + kv
 
 
-def sampling(rows: int, new_tokens: int, bf16: bool) -> dict:
+PATHS = {  # name: (bf16 autocast, align_env's sampling copy: bf16 weights if bf16, packed linears, fast decoding)
+    "fp32, transformers decoding (before)": (False, False),
+    "fp32, packed linears + reserved cache + matmul attention (after)": (False, True),
+    "bf16 autocast on fp32 weights, transformers decoding (before; the committed run)": (True, False),
+    "bf16 packed linears + reserved cache + matmul attention (after; the committed run)": (True, True),
+}
+
+
+def sampling(model, tok, rows: int, new_tokens: int, bf16: bool, fast: bool) -> dict:
     """Seconds of a prefill-only and of a full sampling call on the track's prompts (8 prompts x rows/8)."""
     from align_env.engines.transformers_engine import TransformersEngine
-    from align_env.models import load_causal_lm
     from align_env.tracks import get_track
 
-    model, tok = load_causal_lm(MODEL)
-    engine = TransformersEngine(model, tok)
+    engine = TransformersEngine(model, tok, fast_decode=fast)
     n = 2
     prompts = [i.messages for i in get_track("summarize").train[: rows // n]]
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
@@ -78,11 +96,14 @@ def sampling(rows: int, new_tokens: int, bf16: bool) -> dict:
     tokens = sum(g.tokens for per_prompt in gens for g in per_prompt)
     steps = max(g.tokens for per_prompt in gens for g in per_prompt)
     prompt_tokens = max(g.prompt_tokens for per_prompt in gens for g in per_prompt)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        m.packed.numel() * m.packed.element_size() for m in model.modules() if isinstance(m, PackedLinear))
+    kv_element = 4  # keys come out of the rotary embedding in fp32 (values in bf16 under autocast): counted as fp32
     return {"prefill_s": prefill, "sample_s": full, "tokens": tokens, "decode_steps": steps,
             "decode_step_s": (full - prefill) / max(steps - 1, 1), "tokens_per_s": tokens / full,
-            "bytes": decode_bytes(model, rows, prompt_tokens + steps // 2, weight_bytes),
-            "weight_bytes": weight_bytes, "config": model.config}
+            "bytes": decode_bytes(model, rows, prompt_tokens + steps // 2, weight_bytes, kv_element),
+            "weight_bytes": weight_bytes, "texts": [g.text for per_prompt in gens for g in per_prompt],
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,24 +112,47 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    peak = matmul_peak()
-    bandwidth = copy_bandwidth()
-    print(f"threads {torch.get_num_threads()}; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; "
-          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    for bf16 in (False, True):
-        s = sampling(args.rows, args.new_tokens, bf16)
-        cfg = s["config"]
-        skinny = skinny_matmul_bandwidth(args.rows, cfg.hidden_size, cfg.intermediate_size)
+    from agents.policy import linear_weights_to_bf16
+    from align_env.engines.packed_linear import pack_linears
+    from align_env.models import load_causal_lm
+
+    peak, peak16, bandwidth = matmul_peak(), matmul_peak_bf16(), copy_bandwidth()
+    model, tok = load_causal_lm(MODEL)
+    model.requires_grad_(False).eval()
+    cfg = model.config
+    skinny = {dt: skinny_matmul_bandwidth(args.rows, cfg.hidden_size, cfg.intermediate_size, dt)
+              for dt in (torch.float32, torch.bfloat16)}
+    print(f"threads {torch.get_num_threads()}; matmul peak fp32 {peak / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} "
+          f"GFLOP/s; copy bandwidth {bandwidth / 1e9:.1f} GB/s; skinny batch-{args.rows} matmul over "
+          f"{cfg.hidden_size}x{cfg.intermediate_size} weights (from memory): fp32 {skinny[torch.float32] / 1e9:.1f} "
+          f"GB/s, bf16 {skinny[torch.bfloat16] / 1e9:.1f} GB/s effective")
+    before: dict[bool, dict] = {}
+    for name, (bf16, fast) in PATHS.items():
+        sampler = model
+        if fast:  # the sampling copy as agents.policy.Policy builds it
+            sampler, _ = load_causal_lm(MODEL)
+            sampler.requires_grad_(False).eval()
+            if bf16:
+                linear_weights_to_bf16(sampler)
+            pack_linears(sampler)
+        s = sampling(sampler, tok, args.rows, args.new_tokens, bf16, fast)
         limit = s["bytes"] / bandwidth
-        flops = 2 * s["weight_bytes"] / 4 * args.rows  # one multiply-add per weight per row
-        print(f"\nsampling {MODEL} ({'bf16 autocast' if bf16 else 'fp32'}), {args.rows} rows x "
-              f"{args.new_tokens} new tokens: {s['sample_s']:.2f} s, {s['tokens']} tokens, "
-              f"{s['tokens_per_s']:.0f} tokens/s; prefill {s['prefill_s']:.2f} s")
-        print(f"  skinny batch-{args.rows} matmul over a {cfg.hidden_size}x{cfg.intermediate_size} weight: "
-              f"{skinny / 1e9:.1f} GB/s effective ({skinny / bandwidth:.2f} of the copy bandwidth)")
-        print(f"  decode step {s['decode_step_s'] * 1e3:.1f} ms; reads {s['bytes'] / 1e6:.0f} MB "
-              f"(weights {s['weight_bytes'] / 1e6:.0f} MB + KV cache) -> bandwidth limit {limit * 1e3:.1f} ms: "
-              f"{s['decode_step_s'] / limit:.1f}x the limit; FLOP limit {flops / peak * 1e3:.1f} ms")
+        skinny_limit = s["bytes"] / skinny[torch.bfloat16 if bf16 and fast else torch.float32]
+        flop_limit = 2 * s["params"] * args.rows / (peak16 if bf16 else peak)  # a multiply-add per weight per row
+        print(f"\n{name}: {args.rows} rows x {args.new_tokens} new tokens: {s['sample_s']:.2f} s, {s['tokens']} "
+              f"tokens, {s['tokens_per_s']:.0f} tokens/s; prefill {s['prefill_s']:.2f} s")
+        print(f"  decode step {s['decode_step_s'] * 1e3:.1f} ms; reads {s['bytes'] / 1e6:.0f} MB (weights "
+              f"{s['weight_bytes'] / 1e6:.0f} MB + KV cache) -> bandwidth limit {limit * 1e3:.1f} ms: "
+              f"{s['decode_step_s'] / limit:.1f}x; at the skinny-matmul rate {skinny_limit * 1e3:.1f} ms: "
+              f"{s['decode_step_s'] / skinny_limit:.1f}x; FLOP limit {flop_limit * 1e3:.1f} ms")
+        if not fast:
+            before[bf16] = s
+        else:
+            old = before[bf16]
+            same = sum(a == b for a, b in zip(old["texts"], s["texts"]))
+            print(f"  vs before: sampling {old['sample_s'] / s['sample_s']:.2f}x faster, tokens/s "
+                  f"{s['tokens_per_s'] / old['tokens_per_s']:.2f}x, decode step "
+                  f"{old['decode_step_s'] / s['decode_step_s']:.2f}x; same samples (seed 0): {same} of {len(s['texts'])}")
 
 
 if __name__ == "__main__":

