@@ -66,6 +66,21 @@ def linear_weights_to_bf16(model: torch.nn.Module) -> None:
                 module.bias.data = module.bias.data.to(torch.bfloat16)
 
 
+def _base_linears_to_bf16(model: torch.nn.Module) -> None:
+    """Store the frozen base weight of every LoRA layer in bf16 (``bf16_base``). Under bf16 autocast a linear
+    casts its fp32 weight to these same bf16 values at every call, so forward, loss and gradients are the same
+    numbers; what changes is memory: the base weights take half, and backward keeps the bf16 weights
+    themselves instead of a bf16 copy of each per forward. Embeddings, norms and the output head stay fp32."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            base.weight.data = base.weight.data.to(torch.bfloat16)
+            if getattr(base, "bias", None) is not None:
+                base.bias.data = base.bias.data.to(torch.bfloat16)
+
+
 def _disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -77,7 +92,7 @@ class Policy:
 
     def __init__(self, model_name: str, *, lora: LoraSettings | None = None, seed: int = 0,
                  bf16: bool = False, shared_prompt: bool = True, max_new_tokens: int = 64,
-                 trust_remote_code: bool = False, merged_sampler: bool = True):
+                 trust_remote_code: bool = False, merged_sampler: bool = True, bf16_base: bool = False):
         from align_env.engines.transformers_engine import TransformersEngine
         from align_env.models import load_causal_lm
 
@@ -104,6 +119,12 @@ class Policy:
         else:
             self.reference = copy.deepcopy(model).requires_grad_(False)
         model.eval()
+        self.bf16_base = bool(bf16_base)
+        if self.bf16_base:
+            if lora is None or not bf16:
+                raise AlignEnvError("bf16_base needs LoRA and bf16=True (the frozen base weights are only ever used "
+                                    "under bf16 autocast, which would cast them to the same bf16 values)")
+            _base_linears_to_bf16(model)
         self.model, self.tokenizer = model, tokenizer
         self.engine = TransformersEngine(model, tokenizer)
         self._sampler_engine = TransformersEngine(self._sampler, tokenizer) if self._sampler is not None else None
@@ -187,6 +208,9 @@ class Policy:
         if self.lora is None:
             self.reference.load_state_dict(self.model.state_dict())
             return {}
+        if self.bf16_base:
+            raise AlignEnvError("merge_adapters with bf16_base: folding adapters into bf16 base weights would round "
+                                "most of them away; iterated references need bf16_base=False")
         from peft.tuners.lora import LoraLayer
 
         folded: dict[str, torch.Tensor] = {}

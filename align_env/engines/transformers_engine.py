@@ -60,6 +60,10 @@ class TransformersEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def _bf16(self) -> bool:
+        """Whether matmuls run in bf16 here (bf16 weights or autocast): oneDNN's path on CPU."""
+        return next(self.model.parameters()).dtype == torch.bfloat16 or torch.is_autocast_enabled(self.device.type)
+
     @property
     def paths(self) -> dict[str, str]:
         """The decoding paths ``generate`` takes on this engine's device (:func:`decoding.choose_paths`)."""
@@ -246,6 +250,8 @@ class TransformersEngine:
         the full logits of a long prompt cost as much as the rest of the model.
         """
         width = max(1, max(len(s) for s in seqs))
+        if self.fast_decode and self._bf16():  # bounded shapes for oneDNN's bf16 kernels (engines.decoding)
+            width = max(width, min(-(-width // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE, self.max_context))
         ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for r, seq in enumerate(seqs):
