@@ -8,7 +8,9 @@
   base model into which the current adapters are merged before each sampling call (``W + scale * B A``,
   as TRL does before handing weights to vLLM): generation then runs plain linear layers instead of
   base + adapter branches (about 15% faster sampling on SmolLM2-135M here), for one more copy of the
-  weights in memory. ``merged_sampler=False`` samples through the adapters instead.
+  linear weights in memory (the frozen input embedding is shared, not copied). Under bf16 the copy's linear
+  weights are stored in bf16 and, on CPU, pre-packed for oneDNN (:mod:`align_env.engines.packed_linear`);
+  ``merged_sampler=False`` samples through the adapters instead.
 * Log-probabilities are summed over response tokens only (prompt tokens masked). The prompt is run once
   per prompt, not once per response: its key/value cache is repeated for the K responses, and logits are
   computed only at response positions. ``shared_prompt=False`` runs each prompt+response row in full
@@ -66,6 +68,16 @@ def linear_weights_to_bf16(model: torch.nn.Module) -> None:
                 module.bias.data = module.bias.data.to(torch.bfloat16)
 
 
+@torch.no_grad()
+def _own_weights(model: torch.nn.Module) -> None:
+    """Copy every weight out of the memory-mapped safetensors file it was loaded from. transformers maps the
+    file; while any tensor of it lives, every page the program has touched stays resident, so the weights the
+    policy converts (bf16 sampling copy, ``bf16_base``) would be held twice: measured on SmolLM2-135M, 405 MB
+    of resident memory released by owning the weights."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        tensor.data = tensor.data.clone()
+
+
 def _base_linears_to_bf16(model: torch.nn.Module) -> None:
     """Store the frozen base weight of every LoRA layer in bf16 (``bf16_base``). Under bf16 autocast a linear
     casts its fp32 weight to these same bf16 values at every call, so forward, loss and gradients are the same
@@ -99,10 +111,12 @@ class Policy:
         self.model_name, self.lora, self.bf16, self.shared_prompt = model_name, lora, bf16, shared_prompt
         self.max_new_tokens = int(max_new_tokens)
         model, tokenizer = load_causal_lm(model_name, trust_remote_code=trust_remote_code)
+        _own_weights(model)
         _disable_dropout(model)  # as TRL's online DPO does by default; the model also stays in eval mode
         self._sampler = None
         if lora is not None and merged_sampler:
-            self._sampler = copy.deepcopy(model).requires_grad_(False).eval()
+            embedding = model.get_input_embeddings().weight  # frozen under LoRA: shared, not copied
+            self._sampler = copy.deepcopy(model, memo={id(embedding): embedding}).requires_grad_(False).eval()
             if bf16:
                 linear_weights_to_bf16(self._sampler)
             if can_pack(next(self._sampler.parameters()).device):

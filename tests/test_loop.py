@@ -191,6 +191,10 @@ def test_metrics_log_has_one_record_per_step_with_the_loop_and_agent_keys(refere
         "split": "train", "feedback": "pairwise", "annotator": "rules", "num_envs": NUM_ENVS}
     assert config["seed"] == 3 and config["budget"] == {"steps": STEPS, "prompts": None, "annotator_calls": None}
     assert config["version"] == align_env.__version__
+    machine = config["machine"]  # the per-machine paths, recorded (not part of the run's identity)
+    assert machine["kv_cache"] == "reserved" and machine["sampler"] == "merged LoRA copy"
+    assert machine["allocator"].startswith(("glibc", "no trimming")) and machine["threads"] >= 1
+    assert all(r["rss_mb"] > 0 for r in records)  # resident memory after each step, to tell growth from peaks
 
 
 def test_training_changed_the_parameters(reference_run):
