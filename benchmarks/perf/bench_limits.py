@@ -96,14 +96,32 @@ def sampling(model, tok, rows: int, new_tokens: int, bf16: bool, fast: bool) -> 
     tokens = sum(g.tokens for per_prompt in gens for g in per_prompt)
     steps = max(g.tokens for per_prompt in gens for g in per_prompt)
     prompt_tokens = max(g.prompt_tokens for per_prompt in gens for g in per_prompt)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
-        m.packed.numel() * m.packed.element_size() for m in model.modules() if isinstance(m, PackedLinear))
-    kv_element = 4  # keys come out of the rotary embedding in fp32 (values in bf16 under autocast): counted as fp32
+    weight_bytes = step_weight_bytes(model)
+    kv_element = 4  # fp32 keys and values (the fast path's cache under autocast; transformers' keys are fp32 too)
     return {"prefill_s": prefill, "sample_s": full, "tokens": tokens, "decode_steps": steps,
             "decode_step_s": (full - prefill) / max(steps - 1, 1), "tokens_per_s": tokens / full,
             "bytes": decode_bytes(model, rows, prompt_tokens + steps // 2, weight_bytes, kv_element),
-            "weight_bytes": weight_bytes, "texts": [g.text for per_prompt in gens for g in per_prompt],
-            "params": sum(p.numel() for p in model.parameters())}
+            "weight_bytes": weight_bytes, "texts": [g.text for per_prompt in gens for g in per_prompt]}
+
+
+def step_weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads, as stored: every linear layer (packed or not; a head tied to the
+    embedding once) and the norms; the input embedding table is not read, only its rows for 16 tokens."""
+    seen, total = set(), 0
+    embedding = model.get_input_embeddings().weight
+    for module in model.modules():
+        tensors = [module.packed] if isinstance(module, PackedLinear) else list(module.parameters(recurse=False))
+        for t in tensors:
+            if t.numel() == 0 or id(t) in seen or (t is embedding and not _tied(model)):
+                continue
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _tied(model) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and getattr(head, "weight", None) is model.get_input_embeddings().weight
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tok = load_causal_lm(MODEL)
     model.requires_grad_(False).eval()
     cfg = model.config
+    params = sum(p.numel() for p in model.parameters())  # weights a decode step multiplies (tied head once)
     skinny = {dt: skinny_matmul_bandwidth(args.rows, cfg.hidden_size, cfg.intermediate_size, dt)
               for dt in (torch.float32, torch.bfloat16)}
     print(f"threads {torch.get_num_threads()}; matmul peak fp32 {peak / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} "
@@ -138,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         s = sampling(sampler, tok, args.rows, args.new_tokens, bf16, fast)
         limit = s["bytes"] / bandwidth
         skinny_limit = s["bytes"] / skinny[torch.bfloat16 if bf16 and fast else torch.float32]
-        flop_limit = 2 * s["params"] * args.rows / (peak16 if bf16 else peak)  # a multiply-add per weight per row
+        flop_limit = 2 * params * args.rows / (peak16 if bf16 else peak)  # a multiply-add per weight per row
         print(f"\n{name}: {args.rows} rows x {args.new_tokens} new tokens: {s['sample_s']:.2f} s, {s['tokens']} "
               f"tokens, {s['tokens_per_s']:.0f} tokens/s; prefill {s['prefill_s']:.2f} s")
         print(f"  decode step {s['decode_step_s'] * 1e3:.1f} ms; reads {s['bytes'] / 1e6:.0f} MB (weights "
