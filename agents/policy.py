@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from align_env.engines.decoding import PROMPT_WIDTH_MULTIPLE, padded_width
 from align_env.engines.packed_linear import PackedLinear, can_pack, pack_linears, set_linear_weight
 from align_env.errors import AlignEnvError
 
@@ -153,9 +154,7 @@ class Policy:
         if sampler is None:
             return {"sampler": "the policy itself"} | self.engine.paths
         packed = any(isinstance(m, PackedLinear) for m in sampler.modules())
-        dtype = "bf16" if any(isinstance(m, PackedLinear) and m.packed_dtype == torch.bfloat16 or (
-            isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.bfloat16) for m in sampler.modules()) else "fp32"
-        return {"sampler": "merged LoRA copy", "sampler_linear_weights": dtype,
+        return {"sampler": "merged LoRA copy", "sampler_linear_weights": "bf16" if self.bf16 else "fp32",
                 "sampler_linear": "oneDNN packed" if packed else "torch"} | self._sampler_engine.paths
 
     # -- parameters ---------------------------------------------------------------------------------
@@ -359,22 +358,12 @@ class JudgeEngine:
         return call
 
 
-# Padded widths are rounded up to these multiples. bf16 matmuls on CPU go through oneDNN, which keeps a compiled
-# kernel for every new shape it meets: with a width per prompt length, resident memory grew by about 30 MB for
-# each new length and never came back (hundreds of lengths in a run); rounded, the shapes are few. Pad tokens are
-# masked, so the log-probabilities are the same to rounding.
-PROMPT_WIDTH_MULTIPLE = 32
+# Response widths are rounded up too (prompts: PROMPT_WIDTH_MULTIPLE), for the reason in padded_width's docstring.
 RESPONSE_WIDTH_MULTIPLE = 16
 
 
-def bucket(width: int, multiple: int, cap: int | None = None) -> int:
-    """``width`` rounded up to a multiple of ``multiple`` (never above ``cap``, never below ``width``)."""
-    rounded = -(-width // multiple) * multiple
-    return max(width, min(rounded, cap)) if cap is not None else rounded
-
-
 def _left_pad(rows: Sequence[list[int]], pad: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    width = bucket(max(1, max(len(r) for r in rows)), multiple)
+    width = padded_width(max(1, max(len(r) for r in rows)), multiple)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
@@ -386,7 +375,7 @@ def _left_pad(rows: Sequence[list[int]], pad: int, multiple: int = 1) -> tuple[t
 
 def _right_pad(rows: Sequence[list[int]], pad: int, width: int | None = None, multiple: int = 1,
                cap: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    width = width or bucket(max(1, max(len(r) for r in rows)), multiple, cap)
+    width = width or padded_width(max(1, max(len(r) for r in rows)), multiple, cap)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):

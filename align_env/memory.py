@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,6 +47,4 @@ def resident_mb() -> float:
             pages = int(f.read().split()[1])
     except (OSError, ValueError, IndexError):
         return 0.0
-    import os
-
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20

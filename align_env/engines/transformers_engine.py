@@ -15,7 +15,7 @@ import torch
 
 from align_env.engines import ContinuationScore, Generation, PromptInput
 from align_env.engines.decoding import (PROMPT_WIDTH_MULTIPLE, attention_for_decoding, choose_paths,
-                                        new_reserved_cache, reserve)
+                                        new_reserved_cache, padded_width, reserve)
 from align_env.errors import AlignEnvError, did_you_mean
 from align_env.text import check_prompt, check_sampling, check_texts
 
@@ -134,9 +134,8 @@ class TransformersEngine:
     def _generate_batch(self, chunk, n, temperature, top_p, max_new_tokens, eos) -> list[list[Generation]]:
         pad = self.tokenizer.pad_token_id
         width = max(len(ids) for ids, _ in chunk)
-        if self.fast_decode:  # a bounded set of prefill shapes (align_env.engines.decoding); pads are masked
-            width = min(-(-width // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE, self.max_context - max_new_tokens)
-            width = max(width, max(len(ids) for ids, _ in chunk))
+        if self.fast_decode:  # a bounded set of prefill shapes (decoding.padded_width); pads are masked
+            width = padded_width(width, PROMPT_WIDTH_MULTIPLE, self.max_context - max_new_tokens)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, (ids, _) in enumerate(chunk):
@@ -251,7 +250,7 @@ class TransformersEngine:
         """
         width = max(1, max(len(s) for s in seqs))
         if self.fast_decode and self._bf16():  # bounded shapes for oneDNN's bf16 kernels (engines.decoding)
-            width = max(width, min(-(-width // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE, self.max_context))
+            width = padded_width(width, PROMPT_WIDTH_MULTIPLE, self.max_context)
         ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for r, seq in enumerate(seqs):

@@ -22,7 +22,6 @@ import argparse
 import time
 
 import torch
-from bench_limits import matmul_peak_bf16
 from bench_vs_trl import matmul_peak
 
 PAIRS_PER_STEP = 8  # the committed run: 8 prompts x 2 samples, one pairwise judgement per prompt
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("specs", nargs="*", help="SPEC@TRACK (default: the recommended annotators + minilm)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    peaks = {"fp32": matmul_peak(), "bf16": matmul_peak_bf16()}
+    peaks = {"fp32": matmul_peak(), "bf16": matmul_peak(dtype=torch.bfloat16)}
     print(f"threads {torch.get_num_threads()}; matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
     for entry in args.specs or default_specs():

@@ -50,12 +50,6 @@ def skinny_matmul_bandwidth(rows: int, d_in: int, d_out: int, dtype=torch.float3
         lambda: [torch.nn.functional.linear(x, w) for w in weights], repeats)
 
 
-def matmul_peak_bf16(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large bf16 matmul (the FLOP limit of bf16 decoding)."""
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-    return 2 * n**3 / _best(lambda: a @ b, repeats)
-
-
 def decode_bytes(model, rows: int, context: int, weight_bytes: int, kv_element: int) -> int:
     """Bytes one decode step reads: every weight once (as stored; a tied embedding once, as the output head)
     plus the KV cache of ``rows`` sequences of ``context`` tokens."""
@@ -134,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     from align_env.engines.packed_linear import pack_linears
     from align_env.models import load_causal_lm
 
-    peak, peak16, bandwidth = matmul_peak(), matmul_peak_bf16(), copy_bandwidth()
+    peak, peak16, bandwidth = matmul_peak(), matmul_peak(dtype=torch.bfloat16), copy_bandwidth()
     model, tok = load_causal_lm(MODEL)
     model.requires_grad_(False).eval()
     cfg = model.config

@@ -42,9 +42,9 @@ def _items(steps: int):
     return list(get_track(TRACK).train[: PROMPTS_PER_STEP * steps])
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large fp32 matmul on this machine (the best of ``repeats``)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a large matmul on this machine (the best of ``repeats``): fp32, or bf16 for bf16 runs."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
     return 2 * n**3 / best
@@ -162,9 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         # one step, warm-up included: it takes about 15 minutes here (the warm-up costs under 5% on the other side)
         out["trl_full_fp32_ckpt"] = trl(1, gradient_checkpointing=True)
     if args.bf16:
-        from bench_limits import matmul_peak_bf16
-
-        out["matmul_peak_flops_bf16"] = matmul_peak_bf16()
+        out["matmul_peak_flops_bf16"] = matmul_peak(dtype=torch.bfloat16)
         print(f"bf16 matmul peak: {out['matmul_peak_flops_bf16'] / 1e9:.0f} GFLOP/s", flush=True)
         out["ours_lora_bf16"] = ours(args.steps, lora=True, bf16=True, count_flops=True)
     report(out)
