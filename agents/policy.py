@@ -197,7 +197,14 @@ class Policy:
 
     @torch.no_grad()
     def sync_sampler(self) -> None:
-        """Write base + merged adapters (``W + scale * B A``, peft's ``get_delta_weight``) into the sampling copy."""
+        """Write base + merged adapters (``W + scale * B A``, peft's ``get_delta_weight``) into the sampling copy.
+
+        The merge runs in the adapters' precision, outside autocast (sampling calls this inside it), and is
+        rounded once as it is stored: under autocast ``B A`` came out of a bf16 matmul, a bf16 ulp off."""
+        with torch.autocast(self.model.device.type, enabled=False):
+            self._write_merged_weights()
+
+    def _write_merged_weights(self) -> None:
         from peft.tuners.lora import LoraLayer
 
         sampler = dict(self._sampler.named_modules())

@@ -12,6 +12,7 @@ from transformers.cache_utils import DynamicCache
 from align_env.engines.decoding import ReservedLayer, decode_attention, new_reserved_cache, reserve
 from align_env.engines.packed_linear import PackedLinear, can_pack, pack_linears, set_linear_weight
 from align_env.engines.transformers_engine import TransformersEngine
+from align_env.errors import AlignEnvError
 from align_env.models import load_causal_lm
 
 PROMPTS = ["Write a TL;DR of this post about my landlord.", "How do I boil an egg?",
@@ -32,8 +33,9 @@ def tiny(tiny_lm_dir):
     return model.requires_grad_(False).eval(), tokenizer
 
 
-def _texts(model, tokenizer, *, fast: bool, n: int, temperature: float, bf16: bool = False, seed: int = 3):
-    engine = TransformersEngine(model, tokenizer, fast_decode=fast)
+def _texts(model, tokenizer, *, fast: bool, n: int, temperature: float, bf16: bool = False, seed: int = 3,
+           draw: str | None = "multinomial"):
+    engine = TransformersEngine(model, tokenizer, fast_decode=fast, token_draw=draw)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
     with ctx:
         gens = engine.generate(PROMPTS, n=n, temperature=temperature, max_new_tokens=20, seed=seed)
@@ -51,9 +53,34 @@ def test_fast_decoding_gives_the_same_samples_in_fp32(tiny, n, temperature):
 
 def test_engine_reports_the_paths_it_takes(tiny):
     model, tokenizer = tiny
-    assert TransformersEngine(model, tokenizer).paths == {"kv_cache": "reserved", "decode_attention": "matmul"}
-    assert TransformersEngine(model, tokenizer, fast_decode=False).paths == {"kv_cache": "dynamic",
-                                                                             "decode_attention": "sdpa"}
+    assert TransformersEngine(model, tokenizer).paths == {"kv_cache": "reserved", "decode_attention": "matmul",
+                                                          "decode_loop": "align_env", "token_draw": "inverse_cdf"}
+    assert TransformersEngine(model, tokenizer, token_draw="multinomial").paths["token_draw"] == "multinomial"
+    assert TransformersEngine(model, tokenizer, fast_decode=False).paths == {
+        "kv_cache": "dynamic", "decode_attention": "sdpa", "decode_loop": "transformers", "token_draw": "multinomial"}
+    with pytest.raises(AlignEnvError, match="token draw"):
+        TransformersEngine(model, tokenizer, token_draw="gumbel")
+
+
+def test_a_generation_config_with_more_than_sampling_keeps_generate(tiny):
+    """A repetition penalty (or any processor the loop lacks) sends sampling back to ``generate``, which
+    applies it: the samples then equal the plain path's, and differ from those without the penalty."""
+    model, tokenizer = tiny
+    penalised = copy.deepcopy(model)
+    penalised.generation_config.repetition_penalty = 5.0
+    engine = TransformersEngine(penalised, tokenizer)
+    assert engine.paths["decode_loop"] == "transformers" and engine.paths["token_draw"] == "multinomial"
+    fast = _texts(penalised, tokenizer, fast=True, n=2, temperature=0.0, draw=None)
+    assert fast == _texts(penalised, tokenizer, fast=False, n=2, temperature=0.0)
+    assert fast != _texts(model, tokenizer, fast=False, n=2, temperature=0.0)
+
+
+def test_inverse_cdf_samples_the_engine_deterministically(tiny):
+    model, tokenizer = tiny
+    first = _texts(model, tokenizer, fast=True, n=2, temperature=0.9, draw=None)
+    assert first == _texts(model, tokenizer, fast=True, n=2, temperature=0.9, draw=None)
+    assert first != _texts(model, tokenizer, fast=True, n=2, temperature=0.9, draw=None, seed=4)
+    assert len({t for t, _, _ in first}) > 1
 
 
 def test_attention_is_restored_after_generation(tiny):

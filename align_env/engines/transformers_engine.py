@@ -16,6 +16,7 @@ import torch
 from align_env.engines import ContinuationScore, Generation, PromptInput
 from align_env.engines.decoding import (PROMPT_WIDTH_MULTIPLE, attention_for_decoding, choose_paths,
                                         new_reserved_cache, padded_width, reserve)
+from align_env.engines.sampling_loop import DRAWS, is_plain_sampling, sample_tokens
 from align_env.errors import AlignEnvError, did_you_mean
 from align_env.text import check_prompt, check_sampling, check_texts
 
@@ -35,9 +36,12 @@ class TransformersEngine:
     capabilities = frozenset({"generate", "score", "next_token"})
 
     def __init__(self, model, tokenizer, *, overflow: str = "truncate_left", batch_size: int = 8,
-                 max_context: int | None = None, fast_decode: bool = True):
+                 max_context: int | None = None, fast_decode: bool = True, token_draw: str | None = None):
         if overflow not in OVERFLOW_POLICIES:
             raise did_you_mean("overflow policy", overflow, OVERFLOW_POLICIES)
+        if token_draw is not None and token_draw not in DRAWS:
+            raise did_you_mean("token draw", token_draw, DRAWS)
+        self.token_draw = token_draw  # None: by the rule (decoding.choose_paths); "multinomial": generate's draw
         self.model, self.tokenizer, self.overflow, self.batch_size = model, tokenizer, overflow, int(batch_size)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -67,9 +71,17 @@ class TransformersEngine:
     @property
     def paths(self) -> dict[str, str]:
         """The decoding paths ``generate`` takes on this engine's device (:func:`decoding.choose_paths`)."""
+        plain = {"kv_cache": "dynamic", "decode_attention": "sdpa", "decode_loop": "transformers",
+                 "token_draw": "multinomial"}
         if not self.fast_decode:
-            return {"kv_cache": "dynamic", "decode_attention": "sdpa"}
-        return choose_paths(self.device)
+            return plain
+        paths = choose_paths(self.device)
+        if paths["decode_loop"] == "align_env" and (self.stop_strings or not is_plain_sampling(
+                getattr(self.model, "generation_config", None))):  # what only generate implements
+            paths |= {"decode_loop": "transformers", "token_draw": "multinomial"}
+        if self.token_draw is not None and paths["decode_loop"] == "align_env":
+            paths["token_draw"] = self.token_draw
+        return paths
 
     def render(self, prompt: PromptInput, add_generation_prompt: bool = True) -> str:
         """Chat messages -> the model's prompt text (the plain template for base models)."""
@@ -154,6 +166,13 @@ class TransformersEngine:
             shared = {"past_key_values": reserve(shared["past_key_values"], capacity, dtype) if shared
                       else new_reserved_cache(self.model.config, capacity, dtype)}
         with attention_for_decoding(self.model, paths["decode_attention"] == "matmul"):
+            if paths["decode_loop"] == "align_env":
+                if num_return > 1:  # what generate(num_return_sequences=n) does to the inputs
+                    input_ids, attention = input_ids.repeat_interleave(n, 0), attention.repeat_interleave(n, 0)
+                out = sample_tokens(self.model, input_ids, attention, shared.get("past_key_values"),
+                                    max_new_tokens=max_new_tokens, eos=eos, pad=pad, temperature=temperature,
+                                    top_p=top_p, how=paths["token_draw"])
+                return self._decode_rows(chunk, n, out[:, width:].cpu(), eos)
             out = self._generate(input_ids, attention, max_new_tokens, num_return, eos, pad, sampling, shared)
         return self._decode_rows(chunk, n, out[:, width:].cpu(), eos)
 

@@ -60,7 +60,8 @@ def judge(spec: str, track: str, pairs: int, rounds: int, peaks: dict[str, float
             "precision": precision, "peak": peaks[precision]}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Prints a line per annotator; returns the figures (for ``bench_all.py``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
@@ -70,9 +71,12 @@ def main(argv: list[str] | None = None) -> None:
     peaks = {"fp32": matmul_peak(), "bf16": matmul_peak(dtype=torch.bfloat16)}
     print(f"threads {torch.get_num_threads()}; matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
+    results = []
     for entry in args.specs or default_specs():
         spec, _, track = entry.rpartition("@")
         r = judge(spec, track, args.pairs, args.rounds, peaks)
+        results.append(r | {"spec": spec, "track": track,
+                            "seconds_per_training_step": PAIRS_PER_STEP * r["seconds"] / r["pairs"]})
         rate = r["pairs"] / r["seconds"]
         line = (f"{spec} on {track}: {rate:.3g} judgements/s ({r['seconds'] / r['pairs']:.3g} s each; "
                 f"{PAIRS_PER_STEP * r['seconds'] / r['pairs']:.1f} s per training step of {PAIRS_PER_STEP} pairs); "
@@ -85,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             line += "; no tensor FLOPs (rule-based)"
         print(line, flush=True)
+    return results
 
 
 if __name__ == "__main__":

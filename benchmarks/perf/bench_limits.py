@@ -59,20 +59,25 @@ def decode_bytes(model, rows: int, context: int, weight_bytes: int, kv_element: 
     return weight_bytes + kv
 
 
-PATHS = {  # name: (bf16 autocast, align_env's sampling copy: bf16 weights if bf16, packed linears, fast decoding)
-    "fp32, transformers decoding (before)": (False, False),
-    "fp32, packed linears + reserved cache + matmul attention (after)": (False, True),
-    "bf16 autocast on fp32 weights, transformers decoding (before; the committed run)": (True, False),
-    "bf16 packed linears + reserved cache + matmul attention (after; the committed run)": (True, True),
+PATHS = {  # name: (bf16 autocast, align_env's sampling copy: bf16 weights if bf16, packed linears, fast decoding,
+    #                 token draw of the fast loop: "multinomial" is generate's, None the rule's inverse CDF)
+    "fp32, transformers decoding (before)": (False, False, None),
+    "fp32, packed linears + reserved cache + matmul attention + own loop, multinomial draw": (False, True,
+                                                                                           "multinomial"),
+    "fp32, the same with the inverse-CDF draw (after)": (False, True, None),
+    "bf16 autocast on fp32 weights, transformers decoding (before; the committed run)": (True, False, None),
+    "bf16 packed linears + reserved cache + matmul attention + own loop, multinomial draw": (True, True,
+                                                                                           "multinomial"),
+    "bf16, the same with the inverse-CDF draw (after; the committed run)": (True, True, None),
 }
 
 
-def sampling(model, tok, rows: int, new_tokens: int, bf16: bool, fast: bool) -> dict:
+def sampling(model, tok, rows: int, new_tokens: int, bf16: bool, fast: bool, draw: str | None = None) -> dict:
     """Seconds of a prefill-only and of a full sampling call on the track's prompts (8 prompts x rows/8)."""
     from align_env.engines.transformers_engine import TransformersEngine
     from align_env.tracks import get_track
 
-    engine = TransformersEngine(model, tok, fast_decode=fast)
+    engine = TransformersEngine(model, tok, fast_decode=fast, token_draw=draw)
     n = 2
     prompts = [i.messages for i in get_track("summarize").train[: rows // n]]
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
@@ -118,7 +123,8 @@ def _tied(model) -> bool:
     return head is not None and getattr(head, "weight", None) is model.get_input_embeddings().weight
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Prints the figures; returns them (per path name, and the limits) for ``bench_all.py``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=16, help="sequences decoded together (8 prompts x 2)")
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -140,15 +146,18 @@ def main(argv: list[str] | None = None) -> None:
           f"{cfg.hidden_size}x{cfg.intermediate_size} weights (from memory): fp32 {skinny[torch.float32] / 1e9:.1f} "
           f"GB/s, bf16 {skinny[torch.bfloat16] / 1e9:.1f} GB/s effective")
     before: dict[bool, dict] = {}
-    for name, (bf16, fast) in PATHS.items():
+    results: dict = {"peaks": {"fp32": peak, "bf16": peak16}, "copy_bandwidth": bandwidth, "paths": {}}
+    copies: dict[bool, torch.nn.Module] = {}
+    for name, (bf16, fast, draw) in PATHS.items():
         sampler = model
-        if fast:  # the sampling copy as agents.policy.Policy builds it
-            sampler, _ = load_causal_lm(MODEL)
-            sampler.requires_grad_(False).eval()
+        if fast and bf16 not in copies:  # the sampling copy as agents.policy.Policy builds it
+            copies[bf16], _ = load_causal_lm(MODEL)
+            copies[bf16].requires_grad_(False).eval()
             if bf16:
-                linear_weights_to_bf16(sampler)
-            pack_linears(sampler)
-        s = sampling(sampler, tok, args.rows, args.new_tokens, bf16, fast)
+                linear_weights_to_bf16(copies[bf16])
+            pack_linears(copies[bf16])
+        sampler = copies[bf16] if fast else model
+        s = sampling(sampler, tok, args.rows, args.new_tokens, bf16, fast, draw)
         limit = s["bytes"] / bandwidth
         skinny_limit = s["bytes"] / skinny[torch.bfloat16 if bf16 and fast else torch.float32]
         flop_limit = 2 * params * args.rows / (peak16 if bf16 else peak)  # a multiply-add per weight per row
@@ -158,14 +167,19 @@ def main(argv: list[str] | None = None) -> None:
               f"{s['weight_bytes'] / 1e6:.0f} MB + KV cache) -> bandwidth limit {limit * 1e3:.1f} ms: "
               f"{s['decode_step_s'] / limit:.1f}x; at the skinny-matmul rate {skinny_limit * 1e3:.1f} ms: "
               f"{s['decode_step_s'] / skinny_limit:.1f}x; FLOP limit {flop_limit * 1e3:.1f} ms")
+        results["paths"][name] = s | {"bandwidth_limit_s": limit, "bf16": bf16, "fast": fast, "draw": draw}
         if not fast:
             before[bf16] = s
         else:
             old = before[bf16]
             same = sum(a == b for a, b in zip(old["texts"], s["texts"]))
+            why = "" if draw == "multinomial" else " (another exact draw: other samples for a seed, by design)"
             print(f"  vs before: sampling {old['sample_s'] / s['sample_s']:.2f}x faster, tokens/s "
                   f"{s['tokens_per_s'] / old['tokens_per_s']:.2f}x, decode step "
-                  f"{old['decode_step_s'] / s['decode_step_s']:.2f}x; same samples (seed 0): {same} of {len(s['texts'])}")
+                  f"{old['decode_step_s'] / s['decode_step_s']:.2f}x; same samples (seed 0): {same} of "
+                  f"{len(s['texts'])}{why}")
+            results["paths"][name] |= {"before": old, "same_samples": same}
+    return results
 
 
 if __name__ == "__main__":

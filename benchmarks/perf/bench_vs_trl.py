@@ -10,11 +10,12 @@ policy forward/backward + optimizer. The first step of each side is a warm-up an
 Comparisons printed:
 
 1. matched: full fine-tuning, fp32, no gradient checkpointing on either side;
-2. best against best: TRL at its faster gradient-checkpointing setting (on/off, both measured unless
-   ``--skip-trl-checkpointing``; one step, as it takes about 15 minutes here), this project at its faster of full fine-tuning and LoRA (r=16, all linear
-   layers), and with ``--bf16`` LoRA under bf16 autocast (a candidate where the CPU has bf16 matmul units,
-   AVX512-BF16 or AMX: measured 2.2x the fp32 matmul peak on 2026-12-04; on a CPU without them a bf16 forward
-   ran about 6x slower than fp32);
+2. best against best: TRL at its fastest measured setting (gradient checkpointing on and off, unless
+   ``--skip-trl-checkpointing``: one step, as it takes about 15 minutes here; with ``--bf16`` also TRL under
+   bf16 autocast), this project at its fastest of full fine-tuning, LoRA (r=16, all linear layers) and, with
+   ``--bf16``, LoRA under bf16 autocast (a candidate where the CPU has bf16 matmul units, AVX512-BF16 or AMX:
+   measured 2.2x the fp32 matmul peak on 2026-12-04; on a CPU without them a bf16 forward ran about 6x
+   slower than fp32);
 3. achieved FLOP/s of this project's training step: matmul and attention FLOPs of one step counted with
    torch's FlopCounterMode (a separate, untimed step), divided by the timed step's seconds, against the
    matmul peak measured here with a large fp32 matmul (bf16 runs: a large bf16 matmul).
@@ -93,7 +94,7 @@ def ours(steps: int, *, lora: bool, bf16: bool = False, count_flops: bool = Fals
 
 
 # -- TRL ----------------------------------------------------------------------------------------------------
-def trl(steps: int, *, gradient_checkpointing: bool) -> dict:
+def trl(steps: int, *, gradient_checkpointing: bool, bf16: bool = False) -> dict:
     import datasets
     from transformers import TrainerCallback
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
@@ -117,7 +118,7 @@ def trl(steps: int, *, gradient_checkpointing: bool) -> dict:
     args = OnlineDPOConfig(
         output_dir="/tmp/align-env-bench-trl", per_device_train_batch_size=PROMPTS_PER_STEP, max_steps=steps,
         max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, beta=BETA, learning_rate=LR, loss_type="sigmoid",
-        gradient_checkpointing=gradient_checkpointing, bf16=False, use_cpu=True, report_to=[], save_strategy="no",
+        gradient_checkpointing=gradient_checkpointing, bf16=bf16, use_cpu=True, report_to=[], save_strategy="no",
         logging_steps=1, dataloader_drop_last=True, seed=0, disable_dropout=True)
     seconds: list[float] = []
 
@@ -127,8 +128,8 @@ def trl(steps: int, *, gradient_checkpointing: bool) -> dict:
 
         def on_step_end(self, *a, **k):
             seconds.append(time.perf_counter() - self.start)
-            print(f"  trl checkpointing={gradient_checkpointing} step {len(seconds) - 1}: {seconds[-1]:.1f} s",
-                  flush=True)
+            print(f"  trl checkpointing={gradient_checkpointing} bf16={bf16} step {len(seconds) - 1}: "
+                  f"{seconds[-1]:.1f} s", flush=True)
 
     trainer = OnlineDPOTrainer(model=model, reward_funcs=rules_reward, args=args, train_dataset=data,
                                processing_class=tokenizer, callbacks=[StepTimer()])
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=3, help="steps per configuration; the first is a warm-up")
     parser.add_argument("--skip-trl-checkpointing", action="store_true",
                         help="do not measure TRL with gradient checkpointing on (its default; about 4x slower here)")
-    parser.add_argument("--bf16", action="store_true", help="also measure this project with bf16 autocast")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also measure this project (LoRA) and TRL (full fine-tuning) under bf16 autocast")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         out["matmul_peak_flops_bf16"] = matmul_peak(dtype=torch.bfloat16)
         print(f"bf16 matmul peak: {out['matmul_peak_flops_bf16'] / 1e9:.0f} GFLOP/s", flush=True)
         out["ours_lora_bf16"] = ours(args.steps, lora=True, bf16=True, count_flops=True)
+        out["trl_full_bf16_no_ckpt"] = trl(args.steps, gradient_checkpointing=False, bf16=True)
     report(out)
     if args.json:
         with open(args.json, "w") as fh:
