@@ -131,16 +131,25 @@ class PairTrainer:
 
     def train(self, prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]]) -> dict[str, float]:
         """One micro-step of ``loss(h)`` on the pairs (none: the step still counts toward accumulation)."""
+        return self.train_pairs(len(prompts), lambda pairs: self._pair_loss(prompts[pairs], chosen[pairs],
+                                                                              rejected[pairs]))
+
+    def train_pairs(self, n: int,
+                    compute: Callable[[slice], tuple[torch.Tensor, dict[str, float]]]) -> dict[str, float]:
+        """One micro-step of a loss that is a mean over ``n`` pairs: ``compute(pairs)`` returns ``(mean loss over
+        those pairs with gradient, metrics)``. With ``micro_pairs`` the forward/backward runs ``micro_pairs``
+        pairs at a time (:meth:`_train_chunked`); otherwise once over ``slice(0, n)``."""
         size = self.config.micro_pairs
-        if size and len(prompts) > size:
-            return self._train_chunked(prompts, chosen, rejected, size)
-        return self.train_with(partial(self._pair_loss, prompts, chosen, rejected) if prompts else None)
+        if size and n > size:
+            return self._train_chunked(n, compute, size)
+        return self.train_with(partial(compute, slice(0, n)) if n else None)
 
     def train_with(self, compute: Callable[[], tuple[torch.Tensor, dict[str, float]]] | None) -> dict[str, float]:
         """One micro-step of any loss: ``compute()`` returns ``(mean loss with gradient, metrics)``.
 
-        Agents whose loss is not a plain DPO-family loss (SAIL's extra terms) use this; accumulation,
-        clipping, warm-up, the non-finite guard and the checkpoint state are the same as for :meth:`train`.
+        Losses that are not a mean over pairs use this (a loss that is, as SAIL's, uses :meth:`train_pairs`,
+        which also bounds memory); accumulation, clipping, warm-up, the non-finite guard and the checkpoint
+        state are the same as for :meth:`train`.
         """
         metrics: dict[str, float] = {}
         if compute is not None:
@@ -159,15 +168,15 @@ class PairTrainer:
         self.micro_steps += self.config.grad_accum - self.micro_steps % self.config.grad_accum
         return self._step()
 
-    def _train_chunked(self, prompts, chosen, rejected, size: int) -> dict[str, float]:
-        """:meth:`train` with forward/backward on ``size`` pairs at a time, each chunk's loss weighted by its
-        share of the batch, so the gradients sum to those of the full-batch mean loss."""
-        n, saved = len(prompts), [None if p.grad is None else p.grad.clone() for p in self.params]
+    def _train_chunked(self, n: int, compute, size: int) -> dict[str, float]:
+        """:meth:`train_pairs` with forward/backward on ``size`` pairs at a time, each chunk's loss weighted by
+        its share of the batch, so the gradients sum to those of the full-batch mean loss."""
+        saved = [None if p.grad is None else p.grad.clone() for p in self.params]
         total, sums, finite = 0.0, {}, True
         for lo in range(0, n, size):
-            sl = slice(lo, lo + size)
-            loss, metrics = self._pair_loss(prompts[sl], chosen[sl], rejected[sl])
-            k = len(prompts[sl])
+            sl = slice(lo, min(lo + size, n))
+            loss, metrics = compute(sl)
+            k = sl.stop - sl.start
             if not torch.isfinite(loss):
                 finite = False
                 self._nonfinite(f"loss {loss.item()}")

@@ -250,20 +250,23 @@ class SAIL:
         pr_sign = np.where(np.nan_to_num(prefs) > 0.5, 1.0, -1.0)
         counts: dict[str, float] = {}
 
-        def compute():
-            ref, _ = p.logprobs(prompts, responses, reference=True)
-            logp, tokens = p.logprobs(prompts, responses)
-            kept_route = torch.as_tensor(route[keep])
+        def compute(pairs: slice):
+            """The mean SAIL loss over kept pairs ``pairs`` (a slice of ``keep``; micro_pairs chunks it)."""
+            ref, _ = p.logprobs(prompts[pairs], responses[pairs], reference=True)
+            logp, tokens = p.logprobs(prompts[pairs], responses[pairs])
+            kept = keep[pairs]
+            kept_route = torch.as_tensor(route[kept])
             h12 = ((logp[:, 0] - ref[:, 0]) - (logp[:, 1] - ref[:, 1])).detach()
-            keep_order = torch.as_tensor(uniform[keep]) < torch.sigmoid(self.config.beta * h12.double())
+            keep_order = torch.as_tensor(uniform[kept]) < torch.sigmoid(self.config.beta * h12.double())
             self_labelled = (kept_route == PP) | (kept_route == DP)
             sign = torch.where(self_labelled, torch.where(keep_order, 1.0, -1.0),
-                               torch.where(kept_route == PR, torch.as_tensor(pr_sign[keep]), 1.0)).to(logp.dtype)
+                               torch.where(kept_route == PR, torch.as_tensor(pr_sign[kept]), 1.0)).to(logp.dtype)
             losses, log_sig = sail_losses(logp, ref, sign, kept_route, beta=self.config.beta, gamma=self.config.gamma,
                                           pp_coef=self.config.pp_coef, rho=self.config.rho,
                                           baseline=BASELINES[self.config.baseline])
             margin = self.config.beta * sign * h12
-            counts["self_label_swaps"] = float((self_labelled & ~keep_order).sum())
+            swaps = float((self_labelled & ~keep_order).sum())
+            counts["self_label_swaps"] = counts.get("self_label_swaps", 0.0) + swaps  # summed over chunks
             return losses.mean(), {
                 "reward_margin": margin.mean().item(),
                 "reward_accuracy": (margin > 0).double().mean().item(),
@@ -272,7 +275,7 @@ class SAIL:
                 "trained_tokens": float(tokens)}
 
         start = time.perf_counter()
-        metrics = self.trainer.train_with(compute if len(keep) else None)
+        metrics = self.trainer.train_pairs(len(keep), compute)
         kept = route[keep]
         step = {"annotator_labelled": int((kept == PR).sum()), "annotator_requested": int(is_pr.sum()),
                 "self_labelled": int(((kept == PP) | (kept == DP)).sum()),

@@ -184,6 +184,30 @@ def test_agent_applies_the_sail_loss_to_its_routed_pairs(eos_lm_dir):
             torch.testing.assert_close(p.grad, applied[n], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("micro_pairs", [1, 3])
+def test_sail_micro_pairs_give_the_full_batch_update(eos_lm_dir, micro_pairs):
+    """``micro_pairs`` bounds SAIL's update memory as it does DPO's: the same metrics and gradients."""
+    def update(**settings):
+        agent = _agent("sail", eos_lm_dir, mix_pr=0.4, mix_pp=0.3, mix_dp=0.2, grad_accum=2, beta=0.5, **settings)
+        env = _env("pairwise")
+        obs, _ = env.reset(seed=0)
+        action = agent.act(obs)
+        _, rewards, _, _, infos = env.step(action)
+        metrics = agent.update(Transitions.from_vector_step(action, rewards, infos))
+        grads = {n: p.grad.clone() for n, p in agent.policy.model.named_parameters() if p.grad is not None}
+        timing = {"update_seconds", "tokens_per_second", "sample_seconds"}
+        return {k: v for k, v in metrics.items() if k not in timing}, grads
+
+    full, full_grads = update()
+    chunked, chunked_grads = update(micro_pairs=micro_pairs)
+    assert full["pairs_used"] > micro_pairs and set(full) == set(chunked)
+    for key in full:
+        assert chunked[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
+    assert full_grads.keys() == chunked_grads.keys() and full_grads
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
+
+
 # -- routing, annotator calls and self-labels --------------------------------------------------------------------
 def test_sail_pp_makes_no_annotator_calls_for_its_self_labelled_share(eos_lm_dir):
     """The env judges through the agent's RequestedLabels: calls == PR-routed pairs; PP pairs cost nothing."""
